@@ -1,0 +1,278 @@
+"""Stage 4: build the image with Packer's QEMU builder and publish the delivery.
+
+Everything happens in a private staging folder next to outputs/<name>/. The delivery folder
+appears, by a rename, only when the whole build and export succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from factory import base, export, host
+from factory.bundle import build_payload
+from factory.cache import sha256_file
+from factory.errors import FactoryError, ToolError
+from factory.keys import ephemeral_keypair
+from factory.profile import LoadedProfile
+from factory.progress import Progress
+from factory.render import BuildInputs, packer_env, render_build_dir
+from factory.resolve import lock_dir_for, lock_profile
+
+HEAVY_PAYLOAD_DIRS = ["pkgs", "wheels", "installer"]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    outputs: Path
+    accelerator: str = "auto"
+    force: bool = False
+    ova_digest: str = "sha256"
+
+
+def delivery_dir(outputs: Path, loaded: LoadedProfile) -> Path:
+    return outputs / loaded.name
+
+
+@contextlib.contextmanager
+def build_lock(outputs: Path, name: str) -> Iterator[None]:
+    """One build per delivery name at a time; a second one refuses at once."""
+    outputs.mkdir(parents=True, exist_ok=True)
+    lock_path = outputs / f".{name}.lock"
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FactoryError(
+                f"another build of {name} is running (lock {lock_path}); wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def base_image_for(loaded: LoadedProfile, progress: Progress) -> Path:
+    progress.set_stage("base image")
+    spec = loaded.profile.base
+    if isinstance(spec, str):
+        return base.debian_base_image(spec, log=progress.log)
+    return base.cloud_base_image(spec.url, spec.sha256, log=progress.log)
+
+
+_PACKER_STEPS = [
+    (
+        re.compile(r"Starting VM|Starting HTTP server|Copying hard drive|Resizing hard drive"),
+        "preparing the build VM",
+    ),
+    (re.compile(r"Waiting for SSH"), "booting the base image (waiting for SSH)"),
+    (re.compile(r"Connected to SSH"), "connected over SSH"),
+    (re.compile(r"Uploading payload"), "uploading the payload"),
+    (re.compile(r"factory-step: (.+)"), None),
+    (re.compile(r"Gracefully halting"), "sealing and shutting down"),
+    (re.compile(r"Converting hard drive|Compressing"), "compressing the disk"),
+]
+
+
+def _packer_message(line: str) -> str | None:
+    """The human text of one -machine-readable line, or None for non-UI records."""
+    fields = line.rstrip("\n").split(",", 3)
+    if len(fields) < 4 or fields[2] != "ui":
+        return None
+    kind, _, text = fields[3].partition(",")
+    text = text.replace("%!(PACKER_COMMA)", ",").replace("\\n", "\n").replace("\\r", "")
+    return text if kind in ("say", "message", "error") else None
+
+
+def _step_of(text: str) -> str | None:
+    for pattern, label in _PACKER_STEPS:
+        match = pattern.search(text)
+        if match:
+            return label or match.group(1).strip()
+    return None
+
+
+def run_packer(build_dir: Path, key_file: Path, log_path: Path, progress: Progress) -> None:
+    """Run `packer build`, streaming its log to a file and its steps to the progress line."""
+    progress.set_stage("packer build")
+    command = ["packer", "build", "-machine-readable", "-on-error=cleanup"]
+    command += ["-var-file=image.pkrvars.hcl", "image.pkr.hcl"]
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=build_dir,
+            env=packer_env(key_file),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                text = _packer_message(line)
+                if text is None:
+                    continue
+                log.write(text + "\n")
+                log.flush()
+                step = _step_of(text)
+                if step:
+                    progress.update(step)
+                else:
+                    progress.refresh()
+            code = process.wait()
+        except BaseException:
+            _stop_process_group(process)
+            raise
+    if code != 0:
+        raise ToolError(f"packer build failed (exit {code}); see the log {log_path}")
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """Ask packer to clean up (it stops QEMU), then make sure nothing of it survives."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    packer = host.packer_version()
+    versions["packer"] = ".".join(map(str, packer)) if packer else "unknown"
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        result = subprocess.run([tool, "--version"], capture_output=True, text=True)
+        versions[tool] = result.stdout.splitlines()[0] if result.returncode == 0 else "unknown"
+    from importlib import metadata
+
+    versions["py-rattler"] = metadata.version("py-rattler")
+    return versions
+
+
+def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
+    """Run the whole build for one profile and return the published delivery folder."""
+    started = datetime.now(UTC)
+    final = delivery_dir(options.outputs, loaded)
+    with build_lock(options.outputs, loaded.name):
+        if final.exists() and not options.force:
+            raise FactoryError(
+                f"{final} already holds a delivery of {loaded.name}; bump `version` in "
+                f"{loaded.path.name} or pass --force to replace it"
+            )
+        accelerator = host.choose_accelerator(options.accelerator)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=options.outputs))
+        try:
+            with Progress() as progress:
+                progress.set_stage("pre-flight")
+                progress.update(f"accelerator {accelerator}")
+                locks = lock_profile(loaded, log=progress.log)
+                base_image = base_image_for(loaded, progress)
+                with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
+                    inputs = BuildInputs(
+                        base_image=str(base_image),
+                        base_image_checksum=f"sha256:{sha256_file(base_image)}",
+                        accelerator=accelerator,
+                        output_directory=str(staging / "packer-output"),
+                        console_log=str(staging / "console.log"),
+                        build_key=key,
+                        packer_version=host.packer_version() or (1, 6, 6),
+                    )
+                    progress.set_stage("render")
+                    build_dir = render_build_dir(loaded, inputs, staging / "build")
+                    progress.set_stage("bundle")
+                    build_payload(locks, build_dir / "payload", log=progress.log)
+                    run_packer(build_dir, key.private_key_file, staging / "build.log", progress)
+                progress.set_stage("export")
+                artifacts = export_delivery(loaded, staging, options, progress)
+            finished = datetime.now(UTC)
+            export.write_build_manifest(
+                staging / "delivery",
+                profile_sha256=loaded.sha256,
+                artifacts=artifacts,
+                tool_versions=tool_versions(),
+                started=started,
+                finished=finished,
+                extra={"name": loaded.name, "accelerator": accelerator},
+            )
+            publish(staging, final)
+        except BaseException:
+            kept = keep_failure_logs(staging, options.outputs, loaded.name)
+            if kept:
+                print(f"build logs kept in {kept}", file=sys.stderr)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def export_delivery(
+    loaded: LoadedProfile, staging: Path, options: BuildOptions, progress: Progress
+) -> list[Path]:
+    """Turn the packer output into the delivery folder's artifacts."""
+    delivery = staging / "delivery"
+    delivery.mkdir()
+    built = staging / "packer-output" / f"{loaded.name}.qcow2"
+    resources = loaded.profile.resources
+    hardware = export.VirtualHardware(
+        name=loaded.name,
+        cpus=resources.cpus,
+        memory_mib=resources.memory,
+        disk_gib=resources.disk,
+        description=loaded.profile.description,
+    )
+    progress.update("writing the OVA")
+    ova = export.export_ova(built, hardware, delivery, digest=options.ova_digest, log=progress.log)
+    progress.update("moving the qcow2")
+    qcow2 = delivery / f"{loaded.name}.qcow2"
+    shutil.move(built, qcow2)
+    artifacts = [ova, qcow2]
+    export.write_checksums(delivery, artifacts)
+    shutil.copy2(loaded.path, delivery / "profile.yaml")
+    shutil.copytree(lock_dir_for(loaded), delivery / "locks")
+    build_dir = staging / "build"
+    for name in HEAVY_PAYLOAD_DIRS:
+        shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+    shutil.copytree(build_dir, delivery / "build")
+    shutil.copy2(staging / "build.log", delivery / "build.log")
+    return artifacts
+
+
+def keep_failure_logs(staging: Path, outputs: Path, name: str) -> Path | None:
+    """Keep the logs of a failed build (never its artifacts) in outputs/logs/."""
+    logs = [staging / "build.log", staging / "console.log"]
+    logs = [path for path in logs if path.exists()]
+    if not logs:
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    folder = outputs / "logs" / f"{name}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in logs:
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move the finished delivery into place; a replaced one is removed only afterwards."""
+    replaced = None
+    if final.exists():
+        replaced = final.with_name(f".replaced-{final.name}-{os.getpid()}")
+        final.rename(replaced)
+    (staging / "delivery").rename(final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""Fetch everything the locks name onto the host, so the image installs with no network.
+
+The payload holds the conda packages, the pip wheelhouse, the locks and the conda-compatible
+installer (py-rattler) for the image's own python. It is shipped into the build VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+from factory.cache import cache_dir, sha256_file
+from factory.errors import FactoryError
+from factory.resolve import EnvLock, pip_target_args
+
+INSTALLER_PYTHON = "3.11"  # Debian 12's python3, which runs the installer inside the image
+
+
+def _download(url: str, dest: Path, attempts: int = 3) -> None:
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+                shutil.copyfileobj(response, out)
+            return
+        except OSError as error:
+            if attempt == attempts:
+                raise FactoryError(f"cannot download {url}: {error}; check the network") from None
+            time.sleep(2**attempt)
+
+
+def fetch_conda_package(url: str, sha256: str) -> Path:
+    """Return a cached copy of a locked conda package, verified against its sha256."""
+    name = url.rsplit("/", 1)[-1]
+    cached = cache_dir() / "pkgs" / sha256 / name
+    if cached.exists() and sha256_file(cached) == sha256:
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{name}.part")
+    _download(url, partial)
+    actual = sha256_file(partial)
+    if actual != sha256:
+        partial.unlink()
+        raise FactoryError(
+            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got {actual[:12]}…); "
+            "the channel changed: run `factory lock --force`"
+        )
+    partial.replace(cached)
+    return cached
+
+
+def _pip_download(requirements: Path, python: str, dest: Path, log) -> None:
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+    command += ["--require-hashes", "-r", str(requirements), "-d", str(dest)]
+    command += pip_target_args(python)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
+        raise FactoryError(f"pip download failed for {requirements.name}: {' '.join(last)}")
+
+
+def _installer_wheels(dest: Path) -> None:
+    """py-rattler (the same version as the host's) for the image's python."""
+    version = metadata.version("py-rattler")
+    wheels = cache_dir() / "installer" / f"py-rattler-{version}"
+    if not any(wheels.glob("*.whl")):
+        wheels.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+        command += ["-d", str(wheels), f"py-rattler=={version}"]
+        command += pip_target_args(INSTALLER_PYTHON)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise FactoryError(f"cannot fetch the py-rattler installer: {result.stderr[-300:]}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for wheel in wheels.glob("*.whl"):
+        shutil.copy2(wheel, dest / wheel.name)
+
+
+def build_payload(locks: dict[str, EnvLock], payload: Path, log=print) -> Path:
+    """Write the payload directory: conda packages, wheels, locks and the installer."""
+    pkgs, wheels, envs = payload / "pkgs", payload / "wheels", payload / "envs"
+    for folder in (pkgs, wheels, envs):
+        folder.mkdir(parents=True, exist_ok=True)
+    for lock in locks.values():
+        log(f"fetching {len(lock.conda)} conda packages for '{lock.name}'")
+        for package in lock.conda:
+            source = fetch_conda_package(package.url, package.sha256)
+            target = pkgs / package.file_name
+            if not target.exists():
+                shutil.copy2(source, target)
+                target.chmod(0o644)
+        env_dir = envs / lock.name
+        env_dir.mkdir(exist_ok=True)
+        (env_dir / "explicit.txt").write_text(lock.explicit_text())
+        (env_dir / "pip.txt").write_text(lock.pip_text())
+        (env_dir / "lock.json").write_text(json.dumps(lock.to_json(), indent=2) + "\n")
+        if lock.pip:
+            log(f"fetching {len(lock.pip)} wheels for '{lock.name}'")
+            with tempfile.TemporaryDirectory(dir=payload) as scratch:
+                _pip_download(env_dir / "pip.txt", lock.python, Path(scratch), log)
+                for wheel in Path(scratch).iterdir():
+                    shutil.move(str(wheel), wheels / wheel.name)
+    log("fetching the rattler installer")
+    _installer_wheels(payload / "installer")
+    _write_checksums(payload)
+    return payload
+
+
+def _write_checksums(payload: Path) -> None:
+    lines = []
+    for path in sorted(p for p in payload.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        lines.append(f"{digest}  {path.relative_to(payload)}")
+    (payload / "SHA256SUMS").write_text("\n".join(lines) + "\n")

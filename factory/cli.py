@@ -1,0 +1,266 @@
+"""The `factory` command line: a thin layer over the pipeline stages.
+
+profile -> resolve (lock) -> render -> build -> export -> validate
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from factory import __version__
+from factory.cache import set_cache_dir
+from factory.errors import FactoryError
+
+DEFAULT_OUTPUTS = Path("outputs")
+_debug = False
+
+
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C so every stage cleans up."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="factory")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    envvar="FACTORY_CACHE_DIR",
+    help="Cache for base images and packages (default ~/.cache/factory).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def cli(cache_dir: Path | None, debug: bool) -> None:
+    """Turn a client profile into a built, exported and validated AI virtual machine."""
+    global _debug
+    _debug = debug
+    set_cache_dir(cache_dir)
+
+
+@cli.command()
+@click.option("--refresh", is_flag=True, help="Probe KVM again instead of using the cache.")
+def doctor(refresh: bool) -> None:
+    """Say what this host has and lacks for a build."""
+    from factory import host
+
+    if refresh:
+        host.kvm_boots(refresh=True)
+    checks = host.check_host()
+    for check in checks:
+        mark = "ok " if check.ok else ("MISSING" if check.required else "no ")
+        click.echo(f"{mark:8} {check.name:28} {check.detail}")
+        if not check.ok and check.fix:
+            click.echo(f"{'':8} fix: {check.fix}")
+    if any(c.required and not c.ok for c in checks):
+        raise FactoryError("this host cannot build images yet; run the fixes above")
+
+
+@cli.group()
+def base() -> None:
+    """Base OS images (stage: base OS)."""
+
+
+@base.command("build")
+@click.argument("release", default="debian-12")
+@click.option("--rebuild", is_flag=True, help="Build again even if cached.")
+def base_build(release: str, rebuild: bool) -> None:
+    """Build (or reuse) a cloud-init-ready base qcow2 from Debian's mirror."""
+    from factory.base import debian_base_image
+    from factory.progress import plain_log
+
+    path = debian_base_image(release, log=plain_log, rebuild=rebuild)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Solve even when the inputs did not change.")
+def lock(profile: Path, force: bool) -> None:
+    """Solve every environment on the host and write lock files next to the profile."""
+    from factory.profile import load_profile
+    from factory.progress import plain_log
+    from factory.resolve import lock_dir_for, lock_profile
+
+    loaded = load_profile(profile)
+    started = time.monotonic()
+    locks = lock_profile(loaded, force=force, log=plain_log)
+    for lock_ in locks.values():
+        click.echo(f"{lock_.name}: {len(lock_.conda)} conda + {len(lock_.pip)} pip packages")
+    click.echo(f"locks in {lock_dir_for(loaded)} ({time.monotonic() - started:.1f} s)")
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option(
+    "--outputs",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_OUTPUTS,
+    envvar="FACTORY_OUTPUTS",
+    show_default=True,
+)
+def render(profile: Path, outputs: Path) -> None:
+    """Render the Packer build folder to outputs/<name>/build and validate it."""
+    import shutil
+    import tempfile
+
+    from factory.keys import ephemeral_keypair
+    from factory.profile import load_profile
+    from factory.render import BuildInputs, render_build_dir
+
+    loaded = load_profile(profile)
+    target = outputs / loaded.name / "build"
+    outputs.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".render-{loaded.name}-", dir=outputs))
+    try:
+        with ephemeral_keypair("factory-render") as key:
+            inputs = BuildInputs(
+                base_image=str(
+                    loaded.profile.base
+                    if isinstance(loaded.profile.base, str)
+                    else loaded.profile.base.url
+                ),
+                base_image_checksum="none",
+                accelerator="tcg",
+                output_directory=str(outputs.resolve() / loaded.name / "packer-output"),
+                console_log=str(outputs.resolve() / loaded.name / "console.log"),
+                build_key=key,
+                packer_version=_packer_version(),
+            )
+            render_build_dir(loaded, inputs, scratch / "build")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        (scratch / "build").rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    click.echo(f"rendered and validated {target}")
+
+
+def _packer_version() -> tuple[int, int, int]:
+    from factory import host
+
+    return host.packer_version() or (1, 6, 6)
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option(
+    "--outputs",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_OUTPUTS,
+    envvar="FACTORY_OUTPUTS",
+    show_default=True,
+)
+@click.option(
+    "--accelerator",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    help="QEMU accelerator; auto uses KVM only where it really boots a guest.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing delivery of this version.")
+@click.option(
+    "--ova-digest",
+    type=click.Choice(["sha256", "sha1"]),
+    default="sha256",
+    show_default=True,
+    help="Manifest digest inside the OVA.",
+)
+def build(profile: Path, outputs: Path, accelerator: str, force: bool, ova_digest: str) -> None:
+    """Pre-flight, lock, render, packer build and export one profile."""
+    from factory.build import BuildOptions, build_image
+    from factory.profile import load_profile
+
+    loaded = load_profile(profile)
+    started = time.monotonic()
+    options = BuildOptions(
+        outputs=outputs, accelerator=accelerator, force=force, ova_digest=ova_digest
+    )
+    final = build_image(loaded, options)
+    click.echo(f"built {loaded.name} in {time.monotonic() - started:.0f} s: {final}")
+
+
+@cli.command()
+@click.argument("delivery", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(path_type=Path),
+    help="Check against this profile instead of the delivery's own copy.",
+)
+@click.option("--host", "address", help="Validate a live machine user@address[:port] instead.")
+@click.option("--identity", type=click.Path(path_type=Path), help="SSH key for --host.")
+@click.option(
+    "--report-dir",
+    type=click.Path(path_type=Path),
+    help="Where to write the reports (default: the delivery folder).",
+)
+@click.option(
+    "--accelerator", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"])
+)
+def validate(
+    delivery: Path | None,
+    profile_path: Path | None,
+    address: str | None,
+    identity: Path | None,
+    report_dir: Path | None,
+    accelerator: str,
+) -> None:
+    """Boot the delivered OVA (or reach --host) and check what the profile promises."""
+    from factory.progress import plain_log
+    from factory.validate import validate_delivery, validate_host
+
+    started = time.monotonic()
+    if address:
+        if profile_path is None:
+            raise FactoryError("--host needs --profile: the checks come from the profile")
+        outcome = validate_host(
+            address, profile_path, identity, report_dir or Path("."), log=plain_log
+        )
+    else:
+        if delivery is None:
+            raise FactoryError("give the delivery folder (outputs/<name>) or --host")
+        outcome = validate_delivery(delivery, profile_path, accelerator, report_dir, log=plain_log)
+    for result in outcome.results:
+        click.echo(f"{result.status.upper():8} {result.name}: {result.detail}")
+    click.echo("reports: " + ", ".join(str(p) for p in outcome.reports))
+    spent = time.monotonic() - started
+    if outcome.failed:
+        names = "; ".join(r.name for r in outcome.failed)
+        raise FactoryError(f"validation failed ({len(outcome.failed)} check(s)): {names}")
+    click.echo(f"validated: all {len(outcome.results)} checks passed in {spent:.0f} s")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _err("interrupted")
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except FactoryError as error:
+        if _debug:
+            traceback.print_exc()
+        _err(f"error: {error}")
+        details = getattr(error, "details", None)
+        if details:
+            _err(details)
+        sys.exit(1)
+    except (KeyboardInterrupt, Terminated):
+        _err("interrupted; nothing was published")
+        sys.exit(130)

@@ -1,0 +1,330 @@
+"""Stage 1: load a client profile (YAML) into a validated `Profile`.
+
+The pydantic models are the single source of truth for the profile format. Every error is
+reported as one line: `file:line: field.path: what is wrong (what to do)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import paramiko
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from factory.errors import ProfileError
+
+NAME_PART = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+PYTHON_VERSION = re.compile(r"^3\.\d{1,2}(\.\d{1,2})?$")
+PACKAGE_SPEC = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*([<>=!~]=?[^\s;'\"$`\\]*(,\s*[<>=!~]=?[^\s;'\"$`\\]*)*|\s+[0-9][^\s;'\"$`\\]*|)$"
+)
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+RESERVED_USERS = {"root", "factory-build", "jupyter", "nobody", "daemon", "sys", "bin"}
+BUILD_USER = "factory-build"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CloudImage(Strict):
+    url: str = Field(description="http(s):// or file:// URL of a qcow2 cloud image.")
+    sha256: str = Field(description="sha256 of the image, 64 lowercase hex digits.")
+    os: Literal["debian", "ubuntu"] = "debian"
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        if not re.match(r"^(https?|file)://\S+$", value):
+            raise ValueError("must be an http://, https:// or file:// URL")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str) -> str:
+        value = value.lower().removeprefix("sha256:")
+        if not SHA256.match(value):
+            raise ValueError("must be 64 hex digits (run `sha256sum` on the image)")
+        return value
+
+
+class Resources(Strict):
+    cpus: int = Field(2, ge=1, le=128, description="Virtual CPUs of the delivered VM.")
+    memory: int = Field(2048, ge=512, le=1048576, description="Memory in MiB.")
+    disk: int = Field(8, ge=4, le=4096, description="Disk size in GiB.")
+
+
+class Admin(Strict):
+    user: str = Field(description="Login name of the client's administrator.")
+    ssh_keys: list[str] = Field(min_length=1, description="OpenSSH public keys allowed to log in.")
+
+    @field_validator("user")
+    @classmethod
+    def _user_name(cls, value: str) -> str:
+        if not USER_NAME.match(value):
+            raise ValueError("must be a lowercase Unix user name such as 'analyst'")
+        if value in RESERVED_USERS:
+            raise ValueError(f"'{value}' is reserved; choose another user name")
+        return value
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _keys_parse(cls, keys: list[str]) -> list[str]:
+        for index, key in enumerate(keys):
+            try:
+                paramiko.PublicBlob.from_string(key.strip())
+            except (ValueError, TypeError, IndexError) as error:
+                raise ValueError(
+                    f"key {index + 1} is not an OpenSSH public key ({error}); "
+                    "paste one line of ~/.ssh/id_ed25519.pub"
+                ) from None
+            if "\n" in key.strip():
+                raise ValueError(f"key {index + 1} spans several lines; give one key per entry")
+        return [key.strip() for key in keys]
+
+
+def _check_package_specs(specs: list[str]) -> list[str]:
+    for spec in specs:
+        if not PACKAGE_SPEC.match(spec):
+            raise ValueError(f"'{spec}' is not a package spec such as 'numpy' or 'numpy>=1.26'")
+    return specs
+
+
+class Environment(Strict):
+    name: str = Field(description="Environment name; installed at /opt/conda/envs/<name>.")
+    python: str = Field(description="Python version, e.g. '3.11'.")
+    channels: list[str] = Field(
+        min_length=1,
+        description="Ordered conda channels: URLs, or paths relative to the profile file.",
+    )
+    conda: list[str] = Field(default_factory=list, description="Conda package specs.")
+    pip: list[str] = Field(default_factory=list, description="pip requirement specs.")
+
+    @field_validator("name")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if value == "base" or not ENV_NAME.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' and not 'base'")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _python_version(cls, value: str) -> str:
+        if not PYTHON_VERSION.match(str(value)):
+            raise ValueError("must look like '3.11' (quote it in YAML)")
+        return str(value)
+
+    @field_validator("channels")
+    @classmethod
+    def _channel_strings(cls, channels: list[str]) -> list[str]:
+        for channel in channels:
+            if not channel or any(c in channel for c in "\n\r\0'\"`$ "):
+                raise ValueError(f"channel {channel!r} has characters a URL or path cannot have")
+        return channels
+
+    _conda_specs = field_validator("conda")(classmethod(lambda cls, v: _check_package_specs(v)))
+    _pip_specs = field_validator("pip")(classmethod(lambda cls, v: _check_package_specs(v)))
+
+
+class Jupyter(Strict):
+    enabled: bool = Field(True, description="Install Jupyter Lab as a systemd service.")
+    port: int = Field(8888, ge=1024, le=65535, description="Port Jupyter binds on 127.0.0.1.")
+    packages: list[str] = Field(
+        default_factory=lambda: ["jupyterlab"], description="pip specs of the Jupyter server."
+    )
+
+    _pip_specs = field_validator("packages")(classmethod(lambda cls, v: _check_package_specs(v)))
+
+
+class Conda(Strict):
+    installer: Literal["rattler"] = Field(
+        "rattler", description="Installer that creates the environments inside the image."
+    )
+
+
+class Profile(Strict):
+    client: str = Field(description="Client short name: lowercase letters, digits and '-'.")
+    project: str = Field(description="Project short name: lowercase letters, digits and '-'.")
+    version: int = Field(ge=1, le=9999, description="Delivery version, the N in client_project_vN.")
+    industry: str = Field("generic", description="Industry, e.g. banking, healthcare.")
+    description: str = Field("", max_length=500, description="One line shown in the OVA.")
+    base: Literal["debian-12"] | CloudImage = Field(
+        "debian-12", description="'debian-12' (built from Debian's mirror) or a cloud image."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    admin: Admin
+    conda: Conda = Field(default_factory=Conda)
+    environments: Annotated[list[Environment], Field(min_length=1)]
+    jupyter: Jupyter = Field(default_factory=Jupyter)
+
+    @field_validator("client", "project")
+    @classmethod
+    def _name_part(cls, value: str) -> str:
+        if not NAME_PART.match(value):
+            raise ValueError("must start with a letter and use only a-z, 0-9 and '-' (max 31)")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if any(c in value for c in "\n\r\0"):
+            raise ValueError("must be a single line")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_environments(self) -> Profile:
+        seen: set[str] = set()
+        for env in self.environments:
+            if env.name in seen:
+                raise ValueError(f"environments: duplicate name '{env.name}'; names must differ")
+            seen.add(env.name)
+        return self
+
+    @property
+    def name(self) -> str:
+        """The delivery name, client_project_vN (with '-' turned into '_')."""
+        return f"{self.client}_{self.project}_v{self.version}".replace("-", "_")
+
+
+class LoadedProfile(BaseModel):
+    """A validated profile with where it came from."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    profile: Profile
+    path: Path
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    def resolve_channel(self, channel: str) -> str:
+        """Return a channel as a URL; relative paths are taken from the profile's folder."""
+        if re.match(r"^[a-z][a-z0-9+.-]*://", channel):
+            return channel
+        if "/" not in channel and not channel.startswith("."):
+            return f"https://conda.anaconda.org/{channel}"
+        return (self.path.parent / channel).resolve().as_uri()
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Find the YAML line of a field path, falling back to the nearest parent."""
+    node, line = root, (root.start_mark.line + 1) if root is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == part]
+            if not match:
+                break
+            key = next(k for k, v in node.value if k.value == part)
+            node, line = match[0], key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part in (
+            "CloudImage",
+            "literal['debian-12']",
+            "function-after[_unique_environments()]",
+        ):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or "(top level)"
+
+
+def _describe(error: dict, model_fields: list[str]) -> str:
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        parent = loc[-1]
+        close = difflib.get_close_matches(str(parent), model_fields, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(model_fields)}"
+        return f"unknown key ({hint})"
+    if kind == "missing":
+        return "required field is missing (add it)"
+    message = error["msg"].removeprefix("Value error, ")
+    return message
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Profile
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        candidates = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _pick_error(errors: list[dict]) -> dict:
+    """Prefer the most specific error; skip union branches that only say the literal mismatched."""
+    useful = [e for e in errors if e["type"] != "literal_error" or len(errors) == 1]
+    return (useful or errors)[0]
+
+
+def load_profile(path: Path | str) -> LoadedProfile:
+    """Read and validate a profile file, raising ProfileError with one line on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ProfileError(f"{path}: cannot read profile ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not UTF-8 text; save the profile as UTF-8") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ProfileError(f"{where}: not valid YAML ({problem}); fix the syntax") from None
+    if data is None:
+        raise ProfileError(f"{path}: profile is empty; start from profiles/demo.yaml")
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}:1: a profile is a mapping of keys (client, project, ...)")
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        error = _pick_error(exc.errors())
+        loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
+        line = _line_of(root, loc)
+        where = f"{path}:{line}" if line else str(path)
+        detail = _describe(error, _fields_at(loc))
+        raise ProfileError(f"{where}: {_field_path(loc)}: {detail}") from None
+    return LoadedProfile(
+        profile=profile, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest()
+    )

@@ -1,0 +1,139 @@
+"""Stage 6: boot the delivered artifact (or reach a live host) and check what the profile
+promises. Results go to report.json, report.xml (JUnit) and report.html."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory import host
+from factory.errors import FactoryError
+from factory.profile import LoadedProfile, load_profile
+from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
+from factory.validate.checks import (
+    FAILED,
+    PASSED,
+    CheckContext,
+    CheckResult,
+    run_all_checks,
+)
+from factory.validate.report import write_reports
+from factory.validate.target import connect, try_login, try_password_login
+
+__all__ = ["ValidationOutcome", "validate_delivery", "validate_host"]
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    results: list[CheckResult]
+    reports: list[Path]
+    boot_seconds: float | None = None
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == FAILED]
+
+
+def _find_ova(delivery: Path) -> Path:
+    ovas = sorted(delivery.glob("*.ova"))
+    if len(ovas) != 1:
+        raise FactoryError(f"{delivery}: expected one .ova, found {len(ovas)}; run `factory build`")
+    return ovas[0]
+
+
+def validate_delivery(
+    delivery: Path,
+    profile_path: Path | None = None,
+    accelerator: str = "auto",
+    report_dir: Path | None = None,
+    log=print,
+) -> ValidationOutcome:
+    """Boot the delivery's OVA disk on an overlay and run every check of the profile."""
+    delivery = delivery.resolve()
+    loaded = load_profile(profile_path or delivery / "profile.yaml")
+    ova = _find_ova(delivery)
+    accel = host.choose_accelerator(accelerator)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="factory-ova-") as scratch:
+        log(f"extracting the disk from {ova.name}")
+        disk = extract_ova_disk(ova, Path(scratch))
+        resources = loaded.profile.resources
+        with boot_delivery(
+            disk, max(resources.memory, 2048), min(resources.cpus, 2), accel, log=log
+        ) as vm:
+            log(f"host keys read from the console after {vm.boot_seconds:.0f} s; logging in")
+            target = connect(
+                "127.0.0.1",
+                vm.ssh_port,
+                VALIDATOR_USER,
+                vm.key.private_key_file,
+                vm.host_keys,
+                time.monotonic() + 600,
+            )
+            try:
+                login = CheckResult(
+                    "ssh: login with the pinned host key",
+                    PASSED,
+                    f"{len(vm.host_keys)} host key(s) pinned from the console",
+                    group="boot",
+                )
+                ctx = CheckContext(
+                    target=target,
+                    loaded=loaded,
+                    throwaway_vm=True,
+                    root_login_probe=lambda: _root_login_probe(target, vm),
+                    password_login_probe=lambda: try_password_login(
+                        "127.0.0.1", vm.ssh_port, loaded.profile.admin.user, vm.host_keys
+                    ),
+                )
+                log("running checks")
+                results = [login, *run_all_checks(ctx)]
+            finally:
+                target.close()
+        boot_seconds = vm.boot_seconds
+    subject = {
+        "name": loaded.name,
+        "target": f"{ova.name} booted under {accel}",
+        "profile": str(loaded.path),
+    }
+    reports = write_reports(results, report_dir or delivery, subject)
+    return ValidationOutcome(results, reports, boot_seconds)
+
+
+def _root_login_probe(target, vm) -> str:
+    """Authorise the validator's key for root on the throwaway VM, then try to log in."""
+    public = vm.key.public_key
+    target.run(
+        "sudo install -d -m 700 /root/.ssh && sudo tee -a /root/.ssh/authorized_keys >/dev/null",
+        stdin=public + "\n",
+    )
+    try:
+        return try_login("127.0.0.1", vm.ssh_port, "root", vm.key.private_key_file, vm.host_keys)
+    finally:
+        target.run("sudo rm -f /root/.ssh/authorized_keys")
+
+
+def validate_host(
+    address: str,
+    profile_path: Path,
+    key_file: Path | None,
+    report_dir: Path,
+    log=print,
+) -> ValidationOutcome:
+    """Run the same checks over SSH against a live machine (host keys from known_hosts)."""
+    loaded: LoadedProfile = load_profile(profile_path)
+    user, _, rest = address.rpartition("@")
+    hostname, _, port = rest.partition(":")
+    if not user or not hostname:
+        raise FactoryError(f"--host {address!r}: expected user@address[:port]")
+    log(f"connecting to {address}")
+    target = connect(hostname, int(port or 22), user, key_file, None, time.monotonic() + 60)
+    try:
+        ctx = CheckContext(target=target, loaded=loaded, throwaway_vm=False)
+        results = run_all_checks(ctx)
+    finally:
+        target.close()
+    subject = {"name": loaded.name, "target": address, "profile": str(loaded.path)}
+    return ValidationOutcome(results, write_reports(results, report_dir, subject))

@@ -1,0 +1,177 @@
+"""Boot the exported OVA's disk on a throwaway overlay, the way an importer would."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory import host
+from factory.errors import FactoryError, ToolError
+from factory.escape import cloud_config
+from factory.keys import KeyPair, ephemeral_keypair
+
+VALIDATOR_USER = "factory-validate"
+HOST_KEY_BLOCKS = [
+    ("-----BEGIN FACTORY SSH HOST KEYS-----", "-----END FACTORY SSH HOST KEYS-----"),
+    ("-----BEGIN SSH HOST KEY KEYS-----", "-----END SSH HOST KEY KEYS-----"),
+]
+
+
+@dataclass(frozen=True)
+class BootedVM:
+    ssh_port: int
+    host_keys: list[str]
+    key: KeyPair
+    console_log: Path
+    boot_seconds: float
+
+
+def extract_ova_disk(ova: Path, dest: Path) -> Path:
+    """Extract the VMDK named by the OVA (the only disk) into dest."""
+    with tarfile.open(ova) as archive:
+        disks = [m for m in archive.getmembers() if m.name.endswith(".vmdk")]
+        if len(disks) != 1 or "/" in disks[0].name:
+            raise FactoryError(f"{ova}: expected exactly one .vmdk at the top of the OVA")
+        archive.extract(disks[0], dest, filter="data")
+    return dest / disks[0].name
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _seed_iso(folder: Path, key: KeyPair) -> Path:
+    user_data = cloud_config(
+        {
+            "users": [
+                {
+                    "name": VALIDATOR_USER,
+                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                    "shell": "/bin/bash",
+                    "lock_passwd": True,
+                    "ssh_authorized_keys": [key.public_key],
+                }
+            ],
+        }
+    )
+    (folder / "user-data").write_text(user_data)
+    (folder / "meta-data").write_text("instance-id: factory-validate\nlocal-hostname: validate\n")
+    if shutil.which("cloud-localds") is None:
+        raise ToolError("cloud-localds is missing; run `apt-get install -y cloud-image-utils`")
+    seed = folder / "seed.iso"
+    subprocess.run(
+        ["cloud-localds", str(seed), str(folder / "user-data"), str(folder / "meta-data")],
+        check=True,
+        capture_output=True,
+    )
+    return seed
+
+
+def host_keys_from_console(text: str) -> list[str]:
+    """The SSH host public keys the guest printed on its serial console at boot."""
+    for begin, end in HOST_KEY_BLOCKS:
+        match = re.search(re.escape(begin) + r"(.*?)" + re.escape(end), text, re.S)
+        if match:
+            keys = []
+            for line in match.group(1).splitlines():
+                line = re.sub(r"^.*?(?=(ssh-|ecdsa-))", "", line.strip())
+                if re.match(r"^(ssh-|ecdsa-)\S+ \S+", line):
+                    keys.append(" ".join(line.split()[:2]))
+            if keys:
+                return keys
+    return []
+
+
+@contextlib.contextmanager
+def boot_delivery(
+    disk: Path,
+    memory_mib: int,
+    cpus: int,
+    accelerator: str,
+    restrict_network: bool = False,
+    timeout: float = 900,
+    log=print,
+) -> Iterator[BootedVM]:
+    """Boot `disk` (read-only, through an overlay) and yield once its host keys are known."""
+    work = Path(tempfile.mkdtemp(prefix="factory-validate-"))
+    process: subprocess.Popen | None = None
+    try:
+        with ephemeral_keypair("factory-validate") as key:
+            overlay = work / "overlay.qcow2"
+            fmt = "vmdk" if disk.suffix == ".vmdk" else "qcow2"
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    fmt,
+                    "-b",
+                    str(disk.resolve()),
+                    str(overlay),
+                ],
+                check=True,
+            )
+            seed = _seed_iso(work, key)
+            port = _free_port()
+            console = work / "console.log"
+            netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"
+            if restrict_network:
+                netdev += ",restrict=on"
+            command = ["qemu-system-x86_64", *host.qemu_accel_args(accelerator)]
+            command += ["-m", str(memory_mib), "-smp", str(cpus), "-nodefaults"]
+            command += ["-display", "none", "-serial", f"file:{console}"]
+            command += ["-drive", f"file={overlay},if=virtio,format=qcow2"]
+            command += ["-drive", f"file={seed},if=virtio,format=raw,readonly=on"]
+            command += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+            log(f"booting {disk.name} ({accelerator}, ssh on 127.0.0.1:{port})")
+            started = time.monotonic()
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            )
+            keys = _wait_for_host_keys(process, console, started + timeout)
+            yield BootedVM(port, keys, key, console, time.monotonic() - started)
+    finally:
+        if process is not None:
+            _stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_for_host_keys(process: subprocess.Popen, console: Path, deadline: float) -> list[str]:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise ToolError(f"QEMU exited early (code {process.returncode}): {error.strip()}")
+        if console.exists():
+            keys = host_keys_from_console(console.read_text(errors="replace"))
+            if keys:
+                return keys
+        time.sleep(2)
+    raise FactoryError(
+        "the image did not print its SSH host keys on the serial console in time; "
+        "it may not have booted"
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,317 @@
+"""The checks a profile promises. Each returns CheckResults; each is able to fail."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from factory.profile import BUILD_USER, Environment, LoadedProfile
+from factory.resolve import image_environments
+from factory.validate.target import SSHTarget
+
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    group: str = "image"
+
+
+@dataclass
+class CheckContext:
+    target: SSHTarget
+    loaded: LoadedProfile
+    throwaway_vm: bool
+    root_login_probe: Callable[[], str] | None = None
+    password_login_probe: Callable[[], str] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _result(name: str, ok: bool, detail: str, group: str) -> CheckResult:
+    return CheckResult(name, PASSED if ok else FAILED, detail, group=group)
+
+
+ENV_PROBE = r"""
+import importlib, importlib.metadata as md, json, os, platform, sys
+request = json.load(sys.stdin)
+out = {"python": platform.python_version(), "prefix": sys.prefix, "conda": {}, "pip": {}}
+meta = os.path.join(sys.prefix, "conda-meta")
+records = {}
+for name in os.listdir(meta) if os.path.isdir(meta) else []:
+    if name.endswith(".json"):
+        with open(os.path.join(meta, name)) as handle:
+            record = json.load(handle)
+        records[record["name"]] = record["version"]
+for package in request["conda"]:
+    out["conda"][package] = records.get(package)
+modules = md.packages_distributions()
+for package in request["pip"]:
+    try:
+        version = md.version(package)
+    except md.PackageNotFoundError:
+        out["pip"][package] = {"error": "not installed"}
+        continue
+    dist = md.distribution(package)
+    wanted = {package.lower().replace("-", "_")}
+    tops = [m for m, dists in modules.items()
+            if any(d.lower().replace("-", "_") in wanted for d in dists) and not m.startswith("_")]
+    try:
+        for module in tops[:3] or [package.replace("-", "_")]:
+            importlib.import_module(module)
+        out["pip"][package] = {"version": version, "imported": tops[:3]}
+    except Exception as error:
+        out["pip"][package] = {"version": version, "error": f"import failed: {error}"}
+    del dist
+print(json.dumps(out))
+"""
+
+
+def _spec_name(spec: str) -> str:
+    return re.split(r"[\s<>=!~\[]", spec.strip(), maxsplit=1)[0].lower()
+
+
+def check_environment(ctx: CheckContext, env: Environment) -> list[CheckResult]:
+    group = f"env:{env.name}"
+    prefix = f"/opt/conda/envs/{env.name}"
+    conda = [n for n in map(_spec_name, env.conda) if n != "python"]
+    pip = [_spec_name(s) for s in env.pip]
+    request = json.dumps({"conda": conda, "pip": pip})
+    result = ctx.target.run(f"{prefix}/bin/python -c {_quote(ENV_PROBE)}", stdin=request)
+    if not result.ok:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return [
+            CheckResult(
+                f"{env.name}: environment exists",
+                FAILED,
+                f"{prefix}/bin/python failed: {reason}",
+                group=group,
+            )
+        ]
+    data = json.loads(result.stdout)
+    results = [
+        _result(
+            f"{env.name}: environment exists",
+            data["prefix"] == prefix,
+            f"sys.prefix is {data['prefix']}",
+            group,
+        ),
+        _result(
+            f"{env.name}: python {env.python}",
+            (data["python"] + ".").startswith(env.python + "."),
+            f"python {data['python']}",
+            group,
+        ),
+    ]
+    for name in conda:
+        version = data["conda"].get(name)
+        results.append(
+            _result(
+                f"{env.name}: conda package {name}",
+                version is not None,
+                f"version {version}" if version else "not installed",
+                group,
+            )
+        )
+    for name in pip:
+        info = data["pip"].get(name, {"error": "not reported"})
+        ok = "error" not in info
+        detail = (
+            f"{info.get('version')} imports {', '.join(info.get('imported', []))}"
+            if ok
+            else info["error"]
+        )
+        results.append(_result(f"{env.name}: imports {name}", ok, detail, group))
+    return results
+
+
+def _quote(text: str) -> str:
+    from factory.escape import shell_word
+
+    return shell_word(text)
+
+
+def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
+    jupyter = ctx.loaded.profile.jupyter
+    group = "jupyter"
+    if not jupyter.enabled:
+        return [
+            CheckResult(
+                "jupyter: disabled in profile", SKIPPED, "jupyter.enabled is false", group=group
+            )
+        ]
+    results = []
+    deadline = time.monotonic() + 300
+    status = ""
+    while time.monotonic() < deadline:
+        status = ctx.target.run("systemctl is-active jupyter.service").stdout.strip()
+        if status not in ("activating", "inactive", ""):
+            break
+        time.sleep(5)
+    results.append(
+        _result("jupyter: service active", status == "active", f"is-active: {status}", group)
+    )
+    user = ctx.target.run(
+        "ps -o user= -p $(systemctl show -p MainPID --value jupyter.service)"
+    ).stdout.strip()
+    results.append(
+        _result(
+            "jupyter: runs as a non-root user",
+            user not in ("", "root"),
+            f"process user: {user or 'none'}",
+            group,
+        )
+    )
+    url = f"http://127.0.0.1:{jupyter.port}/api/status"
+    answer = ""
+    while time.monotonic() < deadline:
+        probe = ctx.target.run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}")
+        answer = probe.stdout.strip()
+        if answer in ("200", "403"):
+            break
+        time.sleep(5)
+    results.append(
+        _result(
+            "jupyter: answers on 127.0.0.1 and wants a token",
+            answer == "403",
+            f"GET /api/status without token -> HTTP {answer or 'no answer'}",
+            group,
+        )
+    )
+    token = ctx.target.run("sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env")
+    authorised = ctx.target.run(
+        f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: token $(cat)\" {url}",
+        stdin=token.stdout.strip(),
+    ).stdout.strip()
+    results.append(
+        _result(
+            "jupyter: answers with the first-boot token",
+            authorised == "200",
+            f"GET /api/status with token -> HTTP {authorised}",
+            group,
+        )
+    )
+    listen = ctx.target.run(f"ss -Htln 'sport = :{jupyter.port}'").stdout
+    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listen.splitlines() if line}
+    results.append(
+        _result(
+            "jupyter: bound to 127.0.0.1 only",
+            addresses == {"127.0.0.1"},
+            f"listening on {sorted(addresses) or 'nothing'}",
+            group,
+        )
+    )
+    return results
+
+
+def check_ssh_hardening(ctx: CheckContext) -> list[CheckResult]:
+    group = "ssh"
+    config = ctx.target.run("sudo sshd -T").stdout.lower()
+    settings = dict(line.split(" ", 1) for line in config.splitlines() if " " in line)
+    results = [
+        _result(
+            "ssh: sshd denies root login",
+            settings.get("permitrootlogin") == "no",
+            f"permitrootlogin {settings.get('permitrootlogin')}",
+            group,
+        ),
+        _result(
+            "ssh: sshd denies passwords",
+            settings.get("passwordauthentication") == "no",
+            f"passwordauthentication {settings.get('passwordauthentication')}",
+            group,
+        ),
+    ]
+    if ctx.root_login_probe is not None:
+        outcome = ctx.root_login_probe()
+        results.append(
+            _result(
+                "ssh: root login with an authorised key is refused",
+                outcome.startswith("refused"),
+                outcome,
+                group,
+            )
+        )
+    if ctx.password_login_probe is not None:
+        outcome = ctx.password_login_probe()
+        results.append(
+            _result("ssh: password login is refused", outcome.startswith("refused"), outcome, group)
+        )
+    admin = ctx.loaded.profile.admin
+    keys = ctx.target.run(f"sudo cat ~{admin.user}/.ssh/authorized_keys").stdout
+    have = {" ".join(k.split()[:2]) for k in keys.splitlines() if k.strip()}
+    want = {" ".join(k.split()[:2]) for k in admin.ssh_keys}
+    results.append(
+        _result(
+            f"ssh: {admin.user} has exactly the profile's keys",
+            have == want,
+            f"{len(have)} key(s) installed, {len(want)} in the profile",
+            group,
+        )
+    )
+    return results
+
+
+def check_build_credentials_removed(ctx: CheckContext) -> list[CheckResult]:
+    group = "hygiene"
+    leftovers = []
+    if ctx.target.run(f"getent passwd {BUILD_USER}").ok:
+        leftovers.append(f"user {BUILD_USER}")
+    probe = ctx.target.run(
+        f"sudo sh -c 'ls -d /home/{BUILD_USER} /tmp/factory-payload /opt/factory/installer "
+        f"2>/dev/null; grep -rl {BUILD_USER} /etc/sudoers /etc/sudoers.d /etc/passwd /etc/shadow "
+        "/etc/group 2>/dev/null'"
+    )
+    leftovers += [line for line in probe.stdout.splitlines() if line.strip()]
+    return [
+        _result(
+            "hygiene: no build credentials left",
+            not leftovers,
+            "; ".join(leftovers) or f"no {BUILD_USER} user, home, sudoers or payload",
+            group,
+        )
+    ]
+
+
+def check_cloud_init(ctx: CheckContext) -> list[CheckResult]:
+    result = ctx.target.run("cloud-init status --wait --long", timeout=900)
+    status = re.search(r"^status:\s*(\S+)", result.stdout, re.M)
+    value = status.group(1) if status else "unknown"
+    errors = re.search(r"^errors:\s*(.*)$", result.stdout, re.M)
+    detail = f"status: {value}" + (f"; errors: {errors.group(1)}" if errors else "")
+    return [
+        _result(
+            "cloud-init: finished without errors", value == "done" and result.ok, detail, "boot"
+        )
+    ]
+
+
+def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
+    """Every check the profile implies, in a stable order."""
+    results: list[CheckResult] = []
+    suites: list[Callable[[], list[CheckResult]]] = [lambda: check_cloud_init(ctx)]
+    suites += [
+        lambda env=env: check_environment(ctx, env) for env in image_environments(ctx.loaded)
+    ]
+    suites += [
+        lambda: check_jupyter(ctx),
+        lambda: check_ssh_hardening(ctx),
+        lambda: check_build_credentials_removed(ctx),
+    ]
+    for suite in suites:
+        started = time.monotonic()
+        try:
+            batch = suite()
+        except Exception as error:  # a crashed check is a failed check, never a pass
+            batch = [CheckResult(f"check crashed: {type(error).__name__}", FAILED, str(error))]
+        spent = (time.monotonic() - started) / max(len(batch), 1)
+        for item in batch:
+            item.seconds = round(spent, 2)
+        results += batch
+    return results

@@ -1,0 +1,165 @@
+"""Where checks run: an SSH session (paramiko) with a pinned host key."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from factory.errors import FactoryError
+
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class SSHTarget:
+    """A logged-in SSH session to the machine under test."""
+
+    def __init__(self, client: paramiko.SSHClient, user: str, description: str) -> None:
+        self.client = client
+        self.user = user
+        self.description = description
+
+    def run(self, command: str, stdin: str | None = None, timeout: float = 600) -> CommandResult:
+        channel_in, channel_out, channel_err = self.client.exec_command(command, timeout=timeout)
+        if stdin is not None:
+            channel_in.write(stdin)
+            channel_in.channel.shutdown_write()
+        out = channel_out.read().decode(errors="replace")
+        err = channel_err.read().decode(errors="replace")
+        return CommandResult(channel_out.channel.recv_exit_status(), out, err)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def pinned_client(host: str, port: int, host_keys: list[str]) -> paramiko.SSHClient:
+    """An SSHClient that accepts only the given host keys (never AutoAddPolicy)."""
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    name = host if port == 22 else f"[{host}]:{port}"
+    for line in host_keys:
+        key_type, blob = line.split()[:2]
+        client.get_host_keys().add(
+            name, key_type, paramiko.PKey.from_type_string(key_type, _b64(blob))
+        )
+    return client
+
+
+def _b64(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+
+def connect(
+    host: str,
+    port: int,
+    user: str,
+    key_file: Path | None,
+    host_keys: list[str] | None,
+    deadline: float,
+) -> SSHTarget:
+    """Log in, retrying until `deadline` (time.monotonic) while the machine boots."""
+    if host_keys:
+        client_factory = lambda: pinned_client(host, port, host_keys)  # noqa: E731
+    else:
+
+        def client_factory() -> paramiko.SSHClient:
+            client = paramiko.SSHClient()
+            client.load_system_host_keys()
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            return client
+
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        client = client_factory()
+        try:
+            client.connect(
+                host,
+                port=port,
+                username=user,
+                key_filename=str(key_file) if key_file else None,
+                allow_agent=key_file is None,
+                look_for_keys=key_file is None,
+                timeout=15,
+                banner_timeout=30,
+                auth_timeout=30,
+            )
+            return SSHTarget(client, user, f"{user}@{host}:{port}")
+        except paramiko.BadHostKeyException as error:
+            client.close()
+            raise FactoryError(
+                f"{host}:{port} presented host key {error.key.get_name()} "
+                f"{error.key.get_fingerprint().hex()} that is not the pinned one; refusing"
+            ) from None
+        except paramiko.SSHException as error:
+            if "not found in known_hosts" in str(error):
+                client.close()
+                raise FactoryError(
+                    f"{host}:{port} is not in ~/.ssh/known_hosts; verify its host key and add "
+                    "it (ssh-keyscan output checked against the console) before validating"
+                ) from None
+            last_error = error
+        except (TimeoutError, OSError, EOFError) as error:
+            last_error = error
+        client.close()
+        time.sleep(3)
+    raise FactoryError(f"cannot log in to {user}@{host}:{port}: {last_error}")
+
+
+def try_login(host: str, port: int, user: str, key_file: Path, host_keys: list[str]) -> str:
+    """Attempt one login; return 'accepted' or why it was refused."""
+    client = pinned_client(host, port, host_keys)
+    try:
+        client.connect(
+            host,
+            port=port,
+            username=user,
+            key_filename=str(key_file),
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=15,
+            banner_timeout=30,
+        )
+        return "accepted"
+    except paramiko.AuthenticationException as error:
+        return f"refused ({error})"
+    finally:
+        client.close()
+
+
+def try_password_login(host: str, port: int, user: str, host_keys: list[str]) -> str:
+    """Attempt a password login; return 'accepted' or why it was refused."""
+    client = pinned_client(host, port, host_keys)
+    try:
+        client.connect(
+            host,
+            port=port,
+            username=user,
+            password="factory-probe-password",
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=15,
+            banner_timeout=30,
+        )
+        return "accepted"
+    except paramiko.BadAuthenticationType as error:
+        return f"refused (server allows only {', '.join(error.allowed_types)})"
+    except paramiko.AuthenticationException as error:
+        return f"refused ({error})"
+    finally:
+        client.close()

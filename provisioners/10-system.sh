@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Stage: system. The client's admin user, sshd hardening and the first-boot unit.
+set -euo pipefail
+# shellcheck source=/dev/null
+. "$FACTORY_PAYLOAD/settings.sh"
+echo "factory-step: system"
+
+if ! id "$ADMIN_USER" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash --groups sudo "$ADMIN_USER"
+fi
+passwd --lock "$ADMIN_USER" >/dev/null
+admin_home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
+install -d -m 700 -o "$ADMIN_USER" -g "$ADMIN_USER" "$admin_home/.ssh"
+install -m 600 -o "$ADMIN_USER" -g "$ADMIN_USER" \
+    "$FACTORY_PAYLOAD/admin_authorized_keys" "$admin_home/.ssh/authorized_keys"
+printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$ADMIN_USER" > /etc/sudoers.d/50-factory-admin
+chmod 440 /etc/sudoers.d/50-factory-admin
+visudo -c >/dev/null
+
+install -d -m 755 /etc/ssh/sshd_config.d
+cat > /etc/ssh/sshd_config.d/50-factory.conf <<'CONF'
+# Installed by factory: keys only, no root.
+PermitRootLogin no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitEmptyPasswords no
+CONF
+passwd --lock root >/dev/null
+
+install -d -m 755 /etc/factory
+install -m 644 "$FACTORY_PAYLOAD/settings.sh" /etc/factory/settings.sh
+install -m 755 "$FACTORY_PAYLOAD/factory-firstboot" /usr/local/sbin/factory-firstboot
+install -m 644 "$FACTORY_PAYLOAD/factory-firstboot.service" /etc/systemd/system/
+systemctl enable factory-firstboot.service
+
+# The base image's grub.cfg was written by hand; regenerate it on a real disk.
+update-grub 2>&1 | tail -n 2
