@@ -1,0 +1,53 @@
+# factory: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := packer qemu-system-x86 qemu-utils mmdebstrap genisoimage cloud-image-utils \
+	fdisk e2fsprogs shellcheck python3-venv python3-dev gcc make curl ca-certificates \
+	$(shell cat tests/channel/apt-packages.txt 2>/dev/null)
+DEMO := outputs/demo_hello_v1
+
+.PHONY: demo test setup apt venv channel lint clean
+
+## demo: set up the host, then take profiles/demo.yaml to a validated OVA in outputs/
+demo: setup channel
+	$(VENV)/bin/factory doctor
+	$(VENV)/bin/factory build profiles/demo.yaml --force
+	$(VENV)/bin/factory validate $(DEMO)
+
+## test: set up the host, then run every test (the end-to-end build included)
+test: setup
+	$(VENV)/bin/ruff check factory tests benchmarks
+	$(VENV)/bin/pytest -ra
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+## channel: build (once, cached) the local conda channel the demo profile points at
+channel: venv
+	mkdir -p outputs/channels
+	ln -sfn "$$($(PY) -m tests.channel)" outputs/channels/demo
+
+lint: venv
+	$(VENV)/bin/ruff check factory tests benchmarks
+	$(VENV)/bin/ruff format --check factory tests benchmarks
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,420 @@
+"""The export stage: the qcow2 that Packer built in, delivery artifacts out.
+
+Artifacts: a compressed qcow2, an OVA (OVF 1.0 descriptor, streamOptimized VMDK, manifest),
+a SHA256SUMS file and a manifest.json sidecar. Every artifact is written into a staging
+directory inside the output directory and moved into place only when it is complete, so an
+interrupted export never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+
+from factory import __version__
+from factory.cache import sha256_file
+from factory.errors import FactoryError, ToolError
+
+NETWORK_NAME = "VM Network"
+OVA_DIGESTS = {"sha256": "SHA256", "sha1": "SHA1"}
+# ustar stores a member's size in 11 octal digits.
+USTAR_MAX_MEMBER_SIZE = 8**11 - 1
+# 80 keeps "<name>-disk1.vmdk" within ustar's 100-byte member name.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,80}")
+# Characters XML 1.0 forbids even when escaped.
+_XML_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class GuestOs:
+    ovf_id: int  # CIM_OperatingSystem.OsType, as in OVF's OperatingSystemSection
+    vmw_os_type: str
+    description: str
+
+
+GUEST_OS_TYPES = {
+    "debian": GuestOs(96, "debian12_64Guest", "Debian GNU/Linux 12 (64-bit)"),
+    "ubuntu": GuestOs(94, "ubuntu64Guest", "Ubuntu Linux (64-bit)"),
+}
+
+
+@dataclass(frozen=True)
+class VirtualHardware:
+    name: str
+    cpus: int
+    memory_mib: int
+    disk_gib: int
+    os_type: str = "debian"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        check_artifact_name(self.name)
+        for field in ("cpus", "memory_mib", "disk_gib"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FactoryError(f"hardware.{field} must be a positive integer, got {value!r}")
+        if self.os_type not in GUEST_OS_TYPES:
+            known = ", ".join(sorted(GUEST_OS_TYPES))
+            raise FactoryError(
+                f"hardware.os_type {self.os_type!r} is not supported; use one of: {known}"
+            )
+        if not isinstance(self.description, str) or _XML_FORBIDDEN.search(self.description):
+            raise FactoryError(
+                "hardware.description must be text without control characters; XML cannot hold them"
+            )
+
+    @property
+    def guest_os(self) -> GuestOs:
+        return GUEST_OS_TYPES[self.os_type]
+
+
+def check_artifact_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise FactoryError(
+            f"artifact name {name!r} is invalid: use 1-80 letters, digits, '_' or '-'"
+        )
+
+
+# --- external tools -------------------------------------------------------------------------
+
+
+def _run_tool(args: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> str:
+    """Run a tool and return its stdout; raise ToolError with its last stderr line on failure."""
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ToolError(
+            f"{args[0]} not found while {what}; install it (Debian: qemu-utils, tar)"
+        ) from None
+    if result.returncode not in ok_codes:
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit status {result.returncode}"
+        raise ToolError(f"{what} failed: {args[0]}: {detail}")
+    return result.stdout
+
+
+def _qemu_img_info(disk: Path) -> dict:
+    return json.loads(
+        _run_tool(["qemu-img", "info", "--output=json", str(disk)], f"reading {disk}")
+    )
+
+
+def _populated_size(disk: Path, fmt: str) -> int:
+    """Bytes of the disk that hold data, which is what OVF's populatedSize means."""
+    extents = json.loads(
+        _run_tool(["qemu-img", "map", "--output=json", "-f", fmt, str(disk)], f"mapping {disk}")
+    )
+    return sum(extent["length"] for extent in extents if extent.get("data"))
+
+
+def _input_disk_format(disk: Path) -> str:
+    """The disk's format as qemu-img sees it, after checking that a qcow2 is sound.
+
+    Both checks guard against exporting garbage without an error: qemu-img reads a file it
+    does not recognise as raw, and reads the missing tables of a truncated qcow2 as zeros.
+    """
+    if not Path(disk).is_file():
+        raise FactoryError(f"disk image {disk} does not exist; run the build stage first")
+    fmt = _qemu_img_info(disk)["format"]
+    if Path(disk).suffix == ".qcow2" and fmt != "qcow2":
+        raise FactoryError(f"{disk} is not a qcow2 image (qemu-img reads it as {fmt}); rebuild it")
+    if fmt == "qcow2":
+        # Exit status 2 is corruption (counted below); 3 is leaked clusters only, which is
+        # wasted space, not damage.
+        report = _run_tool(
+            ["qemu-img", "check", "--output=json", "-f", "qcow2", str(disk)],
+            f"checking {disk}",
+            ok_codes=(0, 2, 3),
+        )
+        corruptions = json.loads(report).get("corruptions", 0)
+        if corruptions:
+            raise FactoryError(
+                f"{disk} is damaged (qemu-img check found {corruptions} corruptions); rebuild it"
+            )
+    return fmt
+
+
+# --- staging --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A scratch directory inside out_dir (same filesystem, so os.replace is atomic).
+
+    It is removed on the way out whatever happens, KeyboardInterrupt included; callers move
+    their finished artifacts out of it before leaving the block.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_text_atomically(path: Path, text: str) -> Path:
+    with _staging_dir(path.parent) as staging:
+        scratch = staging / path.name
+        scratch.write_text(text, encoding="utf-8")
+        os.replace(scratch, path)
+    return path
+
+
+# --- qcow2 ----------------------------------------------------------------------------------
+
+
+def export_qcow2(built_qcow2: Path, out_dir: Path, name: str, log: Callable = print) -> Path:
+    """Copy the built image to out_dir/<name>.qcow2, compressed."""
+    check_artifact_name(name)
+    fmt = _input_disk_format(built_qcow2)
+    out_dir = Path(out_dir)
+    target = out_dir / f"{name}.qcow2"
+    with _staging_dir(out_dir) as staging:
+        log(f"export: compressing {built_qcow2.name} into {target.name}")
+        scratch = staging / target.name
+        _run_tool(
+            ["qemu-img", "convert", "-c", "-f", fmt, "-O", "qcow2", str(built_qcow2), str(scratch)],
+            f"compressing {built_qcow2}",
+        )
+        os.replace(scratch, target)
+    return target
+
+
+# --- OVA ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OvfDisk:
+    file_name: str
+    file_size: int
+    capacity: int
+    populated_size: int
+
+
+def render_ovf(hardware: VirtualHardware, disk: _OvfDisk) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    text = env.get_template("ovf.xml.j2").render(
+        hw=hardware,
+        guest_os=hardware.guest_os,
+        disk=disk,
+        network=NETWORK_NAME,
+        factory_version=__version__,
+    )
+    try:
+        ET.fromstring(text.encode("utf-8"))
+    except ET.ParseError as error:  # a template bug, not a user error
+        raise FactoryError(f"rendered OVF descriptor is not well-formed XML: {error}") from error
+    return text
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+def export_ova(
+    disk: Path,
+    hardware: VirtualHardware,
+    out_dir: Path,
+    digest: str = "sha256",
+    log: Callable = print,
+) -> Path:
+    """Package the disk as out_dir/<name>.ova: OVF 1.0 descriptor, streamOptimized VMDK, manifest.
+
+    digest="sha1" gives the manifest strict OVF 1.0 readers (COT) expect; "sha256" is what
+    VMware and VirtualBox accept and the default.
+    """
+    if digest not in OVA_DIGESTS:
+        raise FactoryError(
+            f"OVA manifest digest {digest!r} is not supported; use 'sha256' or 'sha1'"
+        )
+    disk, out_dir = Path(disk), Path(out_dir)
+    fmt = _input_disk_format(disk)
+    name = hardware.name
+    ovf_name, vmdk_name, mf_name = f"{name}.ovf", f"{name}-disk1.vmdk", f"{name}.mf"
+    target = out_dir / f"{name}.ova"
+
+    with _staging_dir(out_dir) as staging:
+        log(f"export: converting {disk.name} to streamOptimized VMDK")
+        vmdk = staging / vmdk_name
+        _run_tool(
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized,adapter_type=lsilogic",
+                str(disk),
+                str(vmdk),
+            ],  # fmt: skip
+            f"converting {disk} to VMDK",
+        )
+        vmdk_size = vmdk.stat().st_size
+        if vmdk_size > USTAR_MAX_MEMBER_SIZE:
+            raise FactoryError(
+                f"{vmdk_name} is {vmdk_size} bytes, over the 8 GiB ustar member limit of an OVA; "
+                "shrink the image or deliver the qcow2 instead"
+            )
+        capacity = _qemu_img_info(vmdk)["virtual-size"]
+        if capacity != hardware.disk_gib * 2**30:
+            log(
+                f"export: note: disk is {capacity} bytes, profile says {hardware.disk_gib} GiB; "
+                "the OVF uses the disk's real size"
+            )
+
+        log(f"export: writing OVF descriptor {ovf_name}")
+        ovf_disk = _OvfDisk(
+            file_name=vmdk_name,
+            file_size=vmdk_size,
+            capacity=capacity,
+            populated_size=_populated_size(disk, fmt),
+        )
+        (staging / ovf_name).write_text(render_ovf(hardware, ovf_disk), encoding="utf-8")
+
+        label = OVA_DIGESTS[digest]
+        log(f"export: writing {label} manifest {mf_name}")
+        (staging / mf_name).write_text(
+            "".join(
+                f"{label}({member})= {_file_digest(staging / member, digest)}\n"
+                for member in (ovf_name, vmdk_name)
+            ),
+            encoding="ascii",
+        )
+
+        # GNU tar, not tarfile: vSphere has rejected OVAs written by Python's tarfile.
+        log(f"export: packing {target.name}")
+        scratch_ova = staging / target.name
+        _run_tool(
+            [
+                "tar",
+                "--format=ustar",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "-cf",
+                str(scratch_ova),
+                "-C",
+                str(staging),
+                ovf_name,
+                vmdk_name,
+                mf_name,
+            ],  # fmt: skip
+            f"packing {target.name}",
+        )
+        os.replace(scratch_ova, target)
+    return target
+
+
+# --- checksums and build manifest -----------------------------------------------------------
+
+
+def _name_in(out_dir: Path, artifact: Path) -> str:
+    """The artifact's path relative to out_dir; artifacts must live inside it."""
+    try:
+        relative = Path(artifact).resolve().relative_to(Path(out_dir).resolve())
+    except ValueError:
+        raise FactoryError(
+            f"artifact {artifact} is not inside the output directory {out_dir}"
+        ) from None
+    if not Path(artifact).is_file():
+        raise FactoryError(f"artifact {artifact} does not exist")
+    name = relative.as_posix()
+    if "\n" in name or "\\" in name:
+        raise FactoryError(
+            f"artifact name {name!r} cannot be written to a checksum file; rename it"
+        )
+    return name
+
+
+def write_checksums(out_dir: Path, artifacts: list[Path]) -> Path:
+    """Write out_dir/SHA256SUMS, verifiable with `sha256sum -c` from inside out_dir."""
+    out_dir = Path(out_dir)
+    lines = [f"{sha256_file(path)}  {_name_in(out_dir, path)}\n" for path in artifacts]
+    return _write_text_atomically(out_dir / "SHA256SUMS", "".join(lines))
+
+
+def _git_state() -> dict | None:
+    """Revision and dirty flag of the checkout holding the factory package, or None."""
+    package_dir = str(Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(
+                ["git", "-C", package_dir, *args], capture_output=True, text=True, check=False
+            )
+        except FileNotFoundError:
+            return None
+        return result.stdout if result.returncode == 0 else None
+
+    revision = git("rev-parse", "--verify", "HEAD")
+    status = git("status", "--porcelain")
+    if revision is None or status is None:
+        return None
+    return {"revision": revision.strip(), "dirty": bool(status.strip())}
+
+
+def _utc_iso(moment: datetime) -> str:
+    # A naive datetime is taken as local time, which is what datetime.now() returns.
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def write_build_manifest(
+    out_dir: Path,
+    *,
+    profile_sha256: str,
+    artifacts: list[Path],
+    tool_versions: dict[str, str],
+    started: datetime,
+    finished: datetime,
+    extra: dict | None = None,
+) -> Path:
+    """Write out_dir/manifest.json, the sidecar record of what was built, from what, and how."""
+    out_dir = Path(out_dir)
+    duration = (finished.astimezone(UTC) - started.astimezone(UTC)).total_seconds()
+    if duration < 0:
+        raise FactoryError(f"build finished ({finished}) before it started ({started})")
+    record = {
+        "factory_version": __version__,
+        "profile_sha256": profile_sha256,
+        "artifacts": [
+            {
+                "name": _name_in(out_dir, path),
+                "sha256": sha256_file(path),
+                "size": path.stat().st_size,
+            }
+            for path in map(Path, artifacts)
+        ],
+        "git": _git_state(),
+        "tool_versions": dict(tool_versions),
+        "build": {
+            "started": _utc_iso(started),
+            "finished": _utc_iso(finished),
+            "duration_s": round(duration, 3),
+        },
+        "extra": dict(extra or {}),
+    }
+    return _write_text_atomically(
+        out_dir / "manifest.json", json.dumps(record, indent=2, sort_keys=False) + "\n"
+    )

@@ -1,0 +1,79 @@
+"""Shared fixtures. The expensive things (test channel, base image, the demo build and its
+validation boot) are built once per session and shared by many checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_PROFILE = REPO / "profiles" / "demo.yaml"
+FACTORY = [sys.executable, "-m", "factory"]
+
+
+def run_factory(*args: str, env: dict | None = None, timeout: float = 3600,
+                check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    result = subprocess.run(
+        [*FACTORY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"factory {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def test_channel() -> Path:
+    from tests.channel import build_test_channel
+
+    return build_test_channel(log=lambda line: print(line, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def demo_channel(test_channel: Path) -> Path:
+    """The demo profile points at outputs/channels/demo; link the test channel there."""
+    link = REPO / "outputs" / "channels" / "demo"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        if link.resolve() != test_channel.resolve():
+            link.unlink()
+    if not link.exists():
+        link.symlink_to(test_channel)
+    return link
+
+
+@pytest.fixture(scope="session")
+def e2e_outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="session")
+def demo_delivery(demo_channel: Path, e2e_outputs: Path) -> Path:
+    """The demo profile built through the real chain (base image, packer, export)."""
+    result = run_factory("build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs))
+    print(result.stdout, result.stderr, file=sys.stderr)
+    assert result.returncode == 0, f"demo build failed:\n{result.stderr[-4000:]}"
+    delivery = e2e_outputs / "demo_hello_v1"
+    assert delivery.is_dir()
+    return delivery
+
+
+@pytest.fixture(scope="session")
+def demo_validation(demo_delivery: Path) -> subprocess.CompletedProcess:
+    """`factory validate` on the demo delivery: boots the OVA's disk and runs every check."""
+    result = run_factory("validate", str(demo_delivery))
+    print(result.stdout, result.stderr, file=sys.stderr)
+    return result
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices for the base image)")
+    if shutil.which("packer") is None:
+        pytest.skip("packer is not installed; run `make setup`")
