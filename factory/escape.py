@@ -1,7 +1,6 @@
 """One escaping function per target language. Profile strings reach rendered files only
 through these; call sites never quote by hand."""
 
-import json
 import shlex
 
 import yaml
@@ -9,8 +8,16 @@ import yaml
 
 def hcl_string(value: str) -> str:
     """A double-quoted HCL string literal with no interpolation or directives."""
-    encoded = json.dumps(value, ensure_ascii=False)
-    return encoded.replace("${", "$${").replace("%{", "%%{")
+    named = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    out = []
+    for char in value:
+        if char in named:
+            out.append(named[char])
+        elif ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out).replace("${", "$${").replace("%{", "%%{") + '"'
 
 
 def shell_word(value: str) -> str:
@@ -32,4 +39,4 @@ def shell_assignments(values: dict[str, str | int]) -> str:
 
 def cloud_config(document: dict) -> str:
     """A #cloud-config YAML document."""
-    return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, allow_unicode=False, width=1 << 16)

@@ -1,0 +1,121 @@
+"""Render: the real templates, parsed back with python-hcl2, checked by `packer validate`
+and shellcheck; profile strings survive each target language unchanged."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import hcl2
+from hcl2 import SerializationOptions
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from factory.escape import cloud_config, hcl_string, shell_assignments
+from factory.keys import ephemeral_keypair
+from factory.profile import load_profile
+from factory.render import PROVISIONERS_DIR, BuildInputs, render_build_dir
+from tests.conftest import DEMO_PROFILE, run_factory
+
+HCL_OPTIONS = SerializationOptions(strip_string_quotes=True)
+
+
+def parse_hcl(text: str) -> dict:
+    return hcl2.loads(text, serialization_options=HCL_OPTIONS)
+
+
+def hcl_template_literal(value: str) -> str:
+    """python-hcl2 keeps HCL's template escapes ($${, %%{) as written; Packer reads them as
+    literal ${ and %{."""
+    return value.replace("$${", "${").replace("%%{", "%{")
+
+
+def render_demo(tmp_path: Path, packer_version=(1, 6, 6)) -> Path:
+    loaded = load_profile(DEMO_PROFILE)
+    with ephemeral_keypair("test") as key:
+        inputs = BuildInputs(
+            base_image=str(tmp_path / "base.qcow2"),
+            base_image_checksum="none",
+            accelerator="tcg",
+            output_directory=str(tmp_path / "out"),
+            console_log=str(tmp_path / "console.log"),
+            build_key=key,
+            packer_version=packer_version,
+        )
+        return render_build_dir(loaded, inputs, tmp_path / "build")
+
+
+@pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
+def test_demo_renders_and_packer_validates(tmp_path):
+    build = render_demo(tmp_path)
+    template = parse_hcl((build / "image.pkr.hcl").read_text())
+    source = template["source"][0]["qemu"]["image"]
+    assert source["accelerator"] == "${var.accelerator}"
+    assert source["cd_label"] == "cidata"
+    scripts = [p["shell"]["script"] for p in template["build"][0]["provisioner"]
+               if "script" in p.get("shell", {})]
+    assert scripts == ["provisioners/10-system.sh", "provisioners/20-conda-envs.sh",
+                       "provisioners/30-jupyter.sh"]
+    variables = parse_hcl((build / "image.pkrvars.hcl").read_text())
+    assert variables["vm_name"] == "demo_hello_v1.qcow2"
+    assert variables["disk_size"] == "8G"
+    assert "required_plugins" not in (build / "image.pkr.hcl").read_text()
+    seed = yaml.safe_load((build / "seed" / "user-data").read_text())
+    assert seed["users"][0]["name"] == "factory-build"
+    assert "PRIVATE" not in "".join(p.read_text() for p in build.rglob("*") if p.is_file())
+
+
+def test_modern_packer_gets_required_plugins(tmp_path):
+    loaded = load_profile(DEMO_PROFILE)
+    from factory.render import render_packer_template
+
+    with ephemeral_keypair("t") as key:
+        inputs = BuildInputs("b", "none", "tcg", "o", "c", key, packer_version=(1, 11, 2))
+        text = render_packer_template(loaded, inputs)
+    assert "required_plugins" in text
+    assert parse_hcl(text)["packer"][0]["required_plugins"]
+
+
+def test_cli_render_writes_build_folder(tmp_path):
+    result = run_factory("render", str(DEMO_PROFILE), "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo_hello_v1" / "build" / "image.pkr.hcl").is_file()
+    assert not list(tmp_path.glob(".render-*"))
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_provisioners_pass_shellcheck():
+    scripts = sorted(PROVISIONERS_DIR.glob("*.sh")) + [PROVISIONERS_DIR / "factory-firstboot"]
+    result = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout
+
+
+NASTY = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40
+) | st.sampled_from(['"\n', "${var.x}", "%{ if true }", "$(reboot)", "`id`", "\\", "'\"'"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(NASTY)
+def test_hcl_string_round_trips(value):
+    parsed = parse_hcl(f"x = {hcl_string(value)}\n")
+    assert hcl_template_literal(parsed["x"]) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(NASTY)
+def test_shell_word_round_trips(value):
+    script = shell_assignments({"VALUE": value}) + 'printf %s "$VALUE"\n'
+    result = subprocess.run(["bash", "-c", script], capture_output=True)
+    assert result.returncode == 0
+    assert result.stdout.decode("utf-8", "surrogateescape") == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(NASTY)
+def test_cloud_config_round_trips(value):
+    text = cloud_config({"value": value})
+    assert text.startswith("#cloud-config\n")
+    assert yaml.safe_load(text)["value"] == value
