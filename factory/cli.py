@@ -5,6 +5,7 @@ profile -> resolve (lock) -> render -> build -> export -> validate
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -244,6 +245,19 @@ def validate(
 
 
 def main() -> None:
+    """Entry point. Exits with os._exit so that native solver threads cannot abort the
+    interpreter's shutdown after an error."""
+    code = 0
+    try:
+        _run()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(standalone_mode=False)

@@ -39,4 +39,6 @@ def shell_assignments(values: dict[str, str | int]) -> str:
 
 def cloud_config(document: dict) -> str:
     """A #cloud-config YAML document."""
-    return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, allow_unicode=False, width=1 << 16)
+    return "#cloud-config\n" + yaml.safe_dump(
+        document, sort_keys=False, allow_unicode=False, width=1 << 16
+    )

@@ -35,13 +35,15 @@ class Progress:
 
     def set_stage(self, stage: str) -> None:
         self.stage = stage
-        self.update(stage)
+        self.step = ""
+        self.console.print(f"[{self.elapsed()}] {stage}", markup=False)
+        self.refresh()
 
     def update(self, step: str) -> None:
         """Record a new step; repeated identical steps only refresh the elapsed time."""
         if step != self.step:
             self.step = step
-            self.console.print(f"[{self.elapsed()}] {self.stage}: {step}", markup=False)
+            self.console.print(f"[{self.elapsed()}]   {step}", markup=False)
         self.refresh()
 
     def refresh(self) -> None:

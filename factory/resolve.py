@@ -125,14 +125,20 @@ def _conda_specs(env: Environment) -> list[str]:
 
 def _conflict_summary(env: Environment, specs: list[str], text: str) -> str:
     names = {re.split(r"[<>=!~ ]", s, maxsplit=1)[0] for s in specs}
-    mentioned = sorted(n for n in names if re.search(rf"\b{re.escape(n)}\b", text))
-    if "No candidates were found" in text or "cannot be installed because there are no" in text:
-        missing = re.findall(r"No candidates were found for ([^\s.]+)", text)
-        if missing:
-            return (
-                f"environment '{env.name}': no package matches {', '.join(missing)} in its "
-                "channels; check the spelling, the version and the channel list"
-            )
+    mentioned = sorted(n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
+    unmet = re.search(r"(\S+) \S+ would require\s*\n\W*(.+?), for which no candidates", text)
+    if unmet:
+        return (
+            f"environment '{env.name}': {unmet.group(1)} needs {unmet.group(2)}, which the "
+            f"channels cannot provide alongside {', '.join(specs)}; relax the pin on "
+            f"{unmet.group(2).split()[0]} or drop {unmet.group(1)}"
+        )
+    missing = re.findall(r"No candidates were found for (.+?)\.?$", text, re.M)
+    if missing:
+        return (
+            f"environment '{env.name}': no package matches {', '.join(missing)} in its "
+            "channels; check the spelling, the version and the channel list"
+        )
     packages = ", ".join(mentioned) or ", ".join(specs)
     return (
         f"environment '{env.name}': conda packages conflict ({packages}); "
@@ -153,7 +159,6 @@ def solve_conda(loaded: LoadedProfile, env: Environment) -> list[CondaPackage]:
             gateway=gateway,
             platforms=TARGET_PLATFORMS,
             virtual_packages=_virtual_packages(),
-            timestamp_policy="ignore",
         )
 
     try:

@@ -16,11 +16,16 @@ DEMO_PROFILE = REPO / "profiles" / "demo.yaml"
 FACTORY = [sys.executable, "-m", "factory"]
 
 
-def run_factory(*args: str, env: dict | None = None, timeout: float = 3600,
-                check: bool = False) -> subprocess.CompletedProcess:
+def run_factory(
+    *args: str, env: dict | None = None, timeout: float = 3600, check: bool = False
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would."""
     result = subprocess.run(
-        [*FACTORY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [*FACTORY, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:

@@ -53,10 +53,16 @@ def test_demo_renders_and_packer_validates(tmp_path):
     source = template["source"][0]["qemu"]["image"]
     assert source["accelerator"] == "${var.accelerator}"
     assert source["cd_label"] == "cidata"
-    scripts = [p["shell"]["script"] for p in template["build"][0]["provisioner"]
-               if "script" in p.get("shell", {})]
-    assert scripts == ["provisioners/10-system.sh", "provisioners/20-conda-envs.sh",
-                       "provisioners/30-jupyter.sh"]
+    scripts = [
+        p["shell"]["script"]
+        for p in template["build"][0]["provisioner"]
+        if "script" in p.get("shell", {})
+    ]
+    assert scripts == [
+        "provisioners/10-system.sh",
+        "provisioners/20-conda-envs.sh",
+        "provisioners/30-jupyter.sh",
+    ]
     variables = parse_hcl((build / "image.pkrvars.hcl").read_text())
     assert variables["vm_name"] == "demo_hello_v1.qcow2"
     assert variables["disk_size"] == "8G"
@@ -87,8 +93,9 @@ def test_cli_render_writes_build_folder(tmp_path):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_provisioners_pass_shellcheck():
     scripts = sorted(PROVISIONERS_DIR.glob("*.sh")) + [PROVISIONERS_DIR / "factory-firstboot"]
-    result = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["shellcheck", "-x", *map(str, scripts)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
