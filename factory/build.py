@@ -168,6 +168,7 @@ def tool_versions() -> dict[str, str]:
 def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
     """Run the whole build for one profile and return the published delivery folder."""
     started = datetime.now(UTC)
+    options = BuildOptions(**{**vars(options), "outputs": options.outputs.resolve()})
     final = delivery_dir(options.outputs, loaded)
     with build_lock(options.outputs, loaded.name):
         if final.exists() and not options.force:

@@ -259,6 +259,8 @@ def main() -> None:
 
 def _run() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Also when started in the background, where SIGINT arrives ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
