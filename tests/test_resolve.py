@@ -75,7 +75,9 @@ def test_conflicts_stop_in_seconds_and_name_packages(
     result = run_factory("lock", str(path))
     assert time.monotonic() - started < 10
     assert result.returncode == 1
-    first_line = result.stderr.splitlines()[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    first_line = errors[0]
     assert first_line.startswith("error: environment 'model'")
     assert expected in first_line
     assert "Traceback" not in result.stderr
