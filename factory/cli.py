@@ -280,3 +280,8 @@ def _run() -> None:
     except (KeyboardInterrupt, Terminated):
         _err("interrupted; nothing was published")
         sys.exit(130)
+    except Exception as error:  # a bug: say so in one line; --debug shows the traceback
+        if _debug:
+            traceback.print_exc()
+        _err(f"internal error: {type(error).__name__}: {error} (rerun with --debug and report it)")
+        sys.exit(2)

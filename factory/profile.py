@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -170,6 +171,18 @@ class Profile(Strict):
     conda: Conda = Field(default_factory=Conda)
     environments: Annotated[list[Environment], Field(min_length=1)]
     jupyter: Jupyter = Field(default_factory=Jupyter)
+    extends: str | list[str] | None = Field(
+        None, description="Profile file(s) or preset name(s) this profile builds on."
+    )
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _known_base(cls, value: object) -> object:
+        if isinstance(value, str) and value != "debian-12":
+            raise ValueError(
+                f"unknown base '{value}'; use 'debian-12' or a cloud image {{url: ..., sha256: ...}}"
+            )
+        return value
 
     @field_validator("client", "project")
     @classmethod
@@ -191,13 +204,35 @@ class Profile(Strict):
         for env in self.environments:
             if env.name in seen:
                 raise ValueError(f"environments: duplicate name '{env.name}'; names must differ")
+            if env.name == "jupyter" and self.jupyter.enabled:
+                raise ValueError(
+                    "environments: 'jupyter' is the Jupyter server's own "
+                    "environment; choose another name"
+                )
             seen.add(env.name)
+        return self
+
+    @model_validator(mode="after")
+    def _disk_fits_environments(self) -> Profile:
+        needed = min_disk_gib(self)
+        if self.resources.disk < needed:
+            raise ValueError(
+                f"resources.disk: {self.resources.disk} GiB is too small for "
+                f"{len(self.environments)} environment(s)"
+                f"{' and Jupyter' if self.jupyter.enabled else ''}; "
+                f"set it to at least {needed}"
+            )
         return self
 
     @property
     def name(self) -> str:
         """The delivery name, client_project_vN (with '-' turned into '_')."""
         return f"{self.client}_{self.project}_v{self.version}".replace("-", "_")
+
+
+def min_disk_gib(profile: Profile) -> int:
+    """A floor for the disk: the OS, 1 GiB per environment, 1 GiB for Jupyter."""
+    return 4 + len(profile.environments) + (1 if profile.jupyter.enabled else 0)
 
 
 class LoadedProfile(BaseModel):
@@ -290,12 +325,22 @@ def _fields_at(loc: tuple) -> list[str]:
 def _pick_error(errors: list[dict]) -> dict:
     """Prefer the most specific error; skip union branches that only say the literal mismatched."""
     useful = [e for e in errors if e["type"] != "literal_error" or len(errors) == 1]
+    useful.sort(key=lambda e: e["type"] != "extra_forbidden")
     return (useful or errors)[0]
 
 
-def load_profile(path: Path | str) -> LoadedProfile:
-    """Read and validate a profile file, raising ProfileError with one line on any problem."""
-    path = Path(path)
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass(frozen=True)
+class _Document:
+    path: Path
+    raw: bytes
+    root: yaml.Node
+    data: dict
+
+
+def _read_document(path: Path) -> _Document:
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -316,15 +361,98 @@ def load_profile(path: Path | str) -> LoadedProfile:
         raise ProfileError(f"{path}: profile is empty; start from profiles/demo.yaml")
     if not isinstance(data, dict):
         raise ProfileError(f"{path}:1: a profile is a mapping of keys (client, project, ...)")
+    return _Document(path, raw, root, data)
+
+
+def _parent_paths(document: _Document) -> list[Path]:
+    extends = document.data.get("extends", [])
+    names = [extends] if isinstance(extends, str) else extends
+    line = _line_of(document.root, ("extends",))
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProfileError(
+            f"{document.path}:{line}: extends: give a file path or a preset name, or a list of them"
+        )
+    parents = []
+    for name in names:
+        if name.endswith((".yaml", ".yml")) or "/" in name:
+            parent = (document.path.parent / name).resolve()
+            if not parent.is_file():
+                raise ProfileError(
+                    f"{document.path}:{line}: extends: no file {parent}; "
+                    "fix the path (it is relative to this profile)"
+                )
+        else:
+            parent = PRESETS_DIR / f"{name}.yaml"
+            if not re.match(r"^[a-z0-9-]+$", name) or not parent.is_file():
+                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+                raise ProfileError(
+                    f"{document.path}:{line}: extends: no preset '{name}' (presets: {known})"
+                )
+        parents.append(parent)
+    return parents
+
+
+def _load_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[_Document]:
+    """The profile and everything it extends, most specific first."""
+    path = path.resolve()
+    if path in stack:
+        cycle = " -> ".join(p.name for p in (*stack, path))
+        raise ProfileError(f"{stack[-1]}: extends: cycle {cycle}; remove one of these extends")
+    document = _read_document(path)
+    chain = [document]
+    for parent in _parent_paths(document):
+        chain += _load_chain(parent, (*stack, path))
+    return chain
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key; anything else in `override` replaces `base`."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _has_path(root: yaml.Node, loc: tuple) -> bool:
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == part]
+            if not match:
+                return False
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return False
+            node = node.value[part]
+        else:
+            return False
+    return True
+
+
+def load_profile(path: Path | str) -> LoadedProfile:
+    """Read and validate a profile (and what it extends), raising ProfileError with one line
+    on any problem."""
+    chain = _load_chain(Path(path))
+    data: dict = {}
+    for document in reversed(chain):
+        data = _merge(data, document.data)
+    data.pop("extends", None)
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
         error = _pick_error(exc.errors())
         loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
-        line = _line_of(root, loc)
-        where = f"{path}:{line}" if line else str(path)
         detail = _describe(error, _fields_at(loc))
+        named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", detail)
+        if not loc and named:
+            loc, detail = tuple(named.group(1).split(".")), named.group(2)
+        source = next((d for d in chain if _has_path(d.root, loc)), chain[0])
+        line = _line_of(source.root, loc)
+        where = f"{source.path}:{line}" if line else str(source.path)
         raise ProfileError(f"{where}: {_field_path(loc)}: {detail}") from None
-    return LoadedProfile(
-        profile=profile, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest()
-    )
+    digest = hashlib.sha256(b"".join(d.raw for d in chain)).hexdigest()
+    return LoadedProfile(profile=profile, path=chain[0].path, sha256=digest)

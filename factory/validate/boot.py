@@ -133,7 +133,7 @@ def boot_delivery(
             if restrict_network:
                 netdev += ",restrict=on"
             command = ["qemu-system-x86_64", *host.qemu_accel_args(accelerator)]
-            command += ["-m", str(memory_mib), "-smp", str(cpus), "-nodefaults"]
+            command += ["-m", str(memory_mib), "-smp", str(cpus)]
             command += ["-display", "none", "-serial", f"file:{console}"]
             command += ["-drive", f"file={overlay},if=virtio,format=qcow2"]
             command += ["-drive", f"file={seed},if=virtio,format=raw,readonly=on"]

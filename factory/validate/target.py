@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from dataclasses import dataclass
@@ -51,18 +52,18 @@ def pinned_client(host: str, port: int, host_keys: list[str]) -> paramiko.SSHCli
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     name = host if port == 22 else f"[{host}]:{port}"
+    pinned = 0
     for line in host_keys:
         key_type, blob = line.split()[:2]
-        client.get_host_keys().add(
-            name, key_type, paramiko.PKey.from_type_string(key_type, _b64(blob))
-        )
+        try:
+            key = paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
+        except paramiko.pkey.UnknownKeyType:
+            continue  # e.g. ssh-dss, which paramiko no longer speaks; the others pin the host
+        client.get_host_keys().add(name, key_type, key)
+        pinned += 1
+    if not pinned:
+        raise FactoryError(f"none of the host keys {host_keys} can be used to pin the host")
     return client
-
-
-def _b64(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
 
 
 def connect(
