@@ -161,7 +161,9 @@ class Profile(Strict):
     client: str = Field(description="Client short name: lowercase letters, digits and '-'.")
     project: str = Field(description="Project short name: lowercase letters, digits and '-'.")
     version: int = Field(ge=1, le=9999, description="Delivery version, the N in client_project_vN.")
-    industry: str = Field("generic", description="Industry, e.g. banking, healthcare.")
+    industry: str = Field(
+        "generic", max_length=64, description="Industry, e.g. banking, healthcare."
+    )
     description: str = Field("", max_length=500, description="One line shown in the OVA.")
     base: Literal["debian-12"] | CloudImage = Field(
         "debian-12", description="'debian-12' (built from Debian's mirror) or a cloud image."
@@ -191,11 +193,11 @@ class Profile(Strict):
             raise ValueError("must start with a letter and use only a-z, 0-9 and '-' (max 31)")
         return value
 
-    @field_validator("description")
+    @field_validator("description", "industry")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        if any(c in value for c in "\n\r\0"):
-            raise ValueError("must be a single line")
+        if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value):
+            raise ValueError("must be a single line of printable text")
         return value
 
     @model_validator(mode="after")

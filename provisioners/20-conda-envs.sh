@@ -18,6 +18,8 @@ for env in $ENVIRONMENTS; do
     PYTHONPATH="$installer" python3 "$FACTORY_PAYLOAD/install_env.py" \
         "$FACTORY_PAYLOAD" "$env" "/opt/conda/envs/$env"
 done
+# The installer writes some metadata owner-only; every user must be able to read the envs.
+chmod -R a+rX /opt/conda
 
 cat > /etc/profile.d/factory-conda.sh <<'PROFILE'
 # Installed by factory: `factory-activate ENV` puts an environment first on PATH.
