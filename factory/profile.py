@@ -182,7 +182,8 @@ class Profile(Strict):
     def _known_base(cls, value: object) -> object:
         if isinstance(value, str) and value != "debian-12":
             raise ValueError(
-                f"unknown base '{value}'; use 'debian-12' or a cloud image {{url: ..., sha256: ...}}"
+                f"unknown base '{value}'; use 'debian-12' or a cloud image "
+                "{url: ..., sha256: ...}"
             )
         return value
 

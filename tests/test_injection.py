@@ -4,13 +4,13 @@ schema or reaches each target language (HCL, shell, cloud-init YAML, OVF XML) un
 import subprocess
 import xml.etree.ElementTree as ET
 
+import hcl2
 import yaml
 from hcl2 import SerializationOptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import hcl2
 from factory.escape import cloud_config
 from factory.export import VirtualHardware, _OvfDisk, render_ovf
 from factory.profile import LoadedProfile, Profile, load_profile
@@ -20,11 +20,28 @@ from tests.conftest import DEMO_PROFILE
 EXAMPLES = 1000
 DEMO = load_profile(DEMO_PROFILE)
 NASTY = st.text(max_size=60) | st.sampled_from(
-    ['"\n', "${var.x}", "%{ if true }x%{ endif }", "$(reboot)", "`id`", "\\", "'\"'", "a\0b",
-     '" \n injected = "1', "$${x}", "\\${x}", "\u2028", "\x85", "']]>", "<!--", "&amp;"]
+    [
+        '"\n',
+        "${var.x}",
+        "%{ if true }x%{ endif }",
+        "$(reboot)",
+        "`id`",
+        "\\",
+        "'\"'",
+        "a\0b",
+        '" \n injected = "1',
+        "$${x}",
+        "\\${x}",
+        "\u2028",
+        "\x85",
+        "']]>",
+        "<!--",
+        "&amp;",
+    ]
 )
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def profile_with(field: str, value: str) -> LoadedProfile | None:
@@ -51,8 +68,10 @@ def test_hcl_pkrvars(field, value):
     loaded = profile_with(field, value)
     if loaded is None:
         return
-    parsed = hcl2.loads(render_pkrvars(loaded, _Inputs()),
-                        serialization_options=SerializationOptions(strip_string_quotes=True))
+    parsed = hcl2.loads(
+        render_pkrvars(loaded, _Inputs()),
+        serialization_options=SerializationOptions(strip_string_quotes=True),
+    )
     assert parsed[field].replace("$${", "${").replace("%%{", "%{") == value
 
 
@@ -65,8 +84,9 @@ def test_shell_settings(field, value):
     script = render_settings(loaded)
     assert subprocess.run(["bash", "-n"], input=script.encode()).returncode == 0
     variable = {"description": "FACTORY_DESCRIPTION", "industry": "FACTORY_INDUSTRY"}[field]
-    result = subprocess.run(["bash", "-c", script + f'printf %s "${variable}"'],
-                            capture_output=True)
+    result = subprocess.run(
+        ["bash", "-c", script + f'printf %s "${variable}"'], capture_output=True
+    )
     assert result.returncode == 0
     assert result.stdout.decode() == value
 
@@ -85,8 +105,13 @@ def test_ovf_xml(value):
     loaded = profile_with("description", value)
     if loaded is None:
         return
-    hardware = VirtualHardware(name=loaded.name, cpus=2, memory_mib=2048, disk_gib=8,
-                               description=loaded.profile.description)
+    hardware = VirtualHardware(
+        name=loaded.name,
+        cpus=2,
+        memory_mib=2048,
+        disk_gib=8,
+        description=loaded.profile.description,
+    )
     disk = _OvfDisk(file_name="d.vmdk", file_size=1, capacity=1 << 30, populated_size=1)
     root = ET.fromstring(render_ovf(hardware, disk).encode())
     texts = [e.text or "" for e in root.iter() if e.tag.endswith("}Annotation")]

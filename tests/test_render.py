@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import hcl2
-from hcl2 import SerializationOptions
 import pytest
 import yaml
+from hcl2 import SerializationOptions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
