@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,18 @@ def build_lock(outputs: Path, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_free_disk(outputs: Path, loaded: LoadedProfile) -> None:
+    """Refuse early when the build could fill the disk: the image may grow to its full size
+    while packer runs, and export needs room for the OVA beside it."""
+    needed_gib = loaded.profile.resources.disk + 2
+    free_gib = shutil.disk_usage(outputs).free / 2**30
+    if free_gib < needed_gib:
+        raise FactoryError(
+            f"{outputs} has {free_gib:.1f} GiB free but building {loaded.name} needs about "
+            f"{needed_gib} GiB (resources.disk + 2); free some space or use --outputs elsewhere"
+        )
 
 
 def base_image_for(loaded: LoadedProfile, progress: Progress) -> Path:
@@ -176,6 +189,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 f"{final} already holds a delivery of {loaded.name}; bump `version` in "
                 f"{loaded.path.name} or pass --force to replace it"
             )
+        check_free_disk(options.outputs, loaded)
         accelerator = host.choose_accelerator(options.accelerator)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=options.outputs))
         try:
@@ -222,6 +236,17 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
     return final
 
 
+def virtual_hardware(loaded: LoadedProfile) -> export.VirtualHardware:
+    resources = loaded.profile.resources
+    return export.VirtualHardware(
+        name=loaded.name,
+        cpus=resources.cpus,
+        memory_mib=resources.memory,
+        disk_gib=resources.disk,
+        description=loaded.profile.description,
+    )
+
+
 def export_delivery(
     loaded: LoadedProfile, staging: Path, options: BuildOptions, progress: Progress
 ) -> list[Path]:
@@ -229,14 +254,7 @@ def export_delivery(
     delivery = staging / "delivery"
     delivery.mkdir()
     built = staging / "packer-output" / f"{loaded.name}.qcow2"
-    resources = loaded.profile.resources
-    hardware = export.VirtualHardware(
-        name=loaded.name,
-        cpus=resources.cpus,
-        memory_mib=resources.memory,
-        disk_gib=resources.disk,
-        description=loaded.profile.description,
-    )
+    hardware = virtual_hardware(loaded)
     progress.update("writing the OVA")
     ova = export.export_ova(built, hardware, delivery, digest=options.ova_digest, log=progress.log)
     progress.update("moving the qcow2")
@@ -277,3 +295,30 @@ def publish(staging: Path, final: Path) -> None:
     (staging / "delivery").rename(final)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+
+
+def reexport_ova(delivery: Path, digest: str, progress: Progress) -> Path:
+    """Write the delivery's OVA again from its qcow2 (e.g. with another manifest digest).
+    The old OVA is replaced only when the new one is complete."""
+    from factory.profile import load_profile
+
+    delivery = delivery.resolve()
+    loaded = load_profile(delivery / "profile.yaml")
+    qcow2 = delivery / f"{loaded.name}.qcow2"
+    if not qcow2.is_file():
+        raise FactoryError(f"{delivery}: no {qcow2.name}; run `factory build` first")
+    with build_lock(delivery.parent, loaded.name):
+        progress.set_stage("export")
+        ova = export.export_ova(
+            qcow2, virtual_hardware(loaded), delivery, digest=digest, log=progress.log
+        )
+        export.write_checksums(delivery, [ova, qcow2])
+        manifest_path = delivery / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        for artifact in manifest["artifacts"]:
+            path = delivery / artifact["name"]
+            artifact["sha256"], artifact["size"] = sha256_file(path), path.stat().st_size
+        tmp = manifest_path.with_name(".manifest.json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(manifest_path)
+    return ova

@@ -193,6 +193,25 @@ def build(profile: Path, outputs: Path, accelerator: str, force: bool, ova_diges
     click.echo(f"built {loaded.name} in {time.monotonic() - started:.0f} s: {final}")
 
 
+@cli.command("export")
+@click.argument("delivery", type=click.Path(path_type=Path))
+@click.option(
+    "--ova-digest",
+    type=click.Choice(["sha256", "sha1"]),
+    default="sha256",
+    show_default=True,
+    help="Manifest digest inside the OVA (sha1 for strict OVF 1.0).",
+)
+def export_command(delivery: Path, ova_digest: str) -> None:
+    """Write a delivery's OVA again from its qcow2."""
+    from factory.build import reexport_ova
+    from factory.progress import Progress
+
+    with Progress() as progress:
+        ova = reexport_ova(delivery, ova_digest, progress)
+    click.echo(f"exported {ova}")
+
+
 @cli.command()
 @click.argument("delivery", required=False, type=click.Path(path_type=Path))
 @click.option(

@@ -2,13 +2,19 @@
 
 One build and one validation boot are shared by all the checks here (see conftest.py)."""
 
+import fcntl
 import json
+import signal
 import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_PROFILE, require_root, run_factory
+from factory.cache import sha256_file
+from tests.conftest import DEMO_PROFILE, REPO, require_root, run_factory
 
 pytestmark = pytest.mark.e2e
 
@@ -16,6 +22,55 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module", autouse=True)
 def _needs_root():
     require_root()
+
+
+def qemu_pids() -> set[int]:
+    result = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True)
+    return {int(pid) for pid in result.stdout.split()}
+
+
+def interrupt_when(args: list[str], marker: str, sig: int, timeout: float = 900) -> str:
+    """Start the real CLI, send `sig` once `marker` appears on its stderr, return stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "factory", *args], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    seen, deadline = [], time.monotonic() + timeout
+    assert process.stderr is not None
+    for line in process.stderr:
+        seen.append(line)
+        if marker in line:
+            time.sleep(2)
+            process.send_signal(sig)
+            break
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"never saw {marker!r}: {''.join(seen)}")
+    seen.append(process.stderr.read())
+    assert process.wait(timeout=180) == 130, "".join(seen)
+    return "".join(seen)
+
+
+def assert_lock_free(outputs: Path, name: str) -> None:
+    with open(outputs / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs):
+    """Ctrl-C while packer boots the VM: no QEMU, no delivery, no staging, no lock. The demo
+    build that follows (the demo_delivery fixture) is the next run, and it succeeds."""
+    require_root()
+    before = qemu_pids()
+    stderr = interrupt_when(
+        ["build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs)],
+        "booting the base image",
+        signal.SIGINT,
+    )
+    assert "interrupted; nothing was published" in stderr
+    time.sleep(2)
+    assert qemu_pids() - before == set()
+    assert not (e2e_outputs / "demo_hello_v1").exists()
+    assert not list(e2e_outputs.glob(".staging-*"))
+    assert_lock_free(e2e_outputs, "demo_hello_v1")
 
 
 def test_delivery_holds_every_artifact(demo_delivery):
@@ -59,6 +114,48 @@ def test_no_secret_in_delivery(demo_delivery):
             text = path.read_text(errors="replace")
             assert "PRIVATE KEY" not in text, path
             assert "JUPYTER_TOKEN=" not in text, path
+
+
+def test_interrupt_mid_export_keeps_the_delivered_ova(demo_delivery):
+    ova = demo_delivery / "demo_hello_v1.ova"
+    digest, files = sha256_file(ova), sorted(p.name for p in demo_delivery.iterdir())
+    stderr = interrupt_when(["export", str(demo_delivery)], "streamOptimized", signal.SIGTERM)
+    assert "interrupted" in stderr
+    assert sha256_file(ova) == digest
+    assert sorted(p.name for p in demo_delivery.iterdir()) == files
+    assert_lock_free(demo_delivery.parent, "demo_hello_v1")
+
+
+def test_reexport_with_sha1_manifest_passes_cot(demo_delivery):
+    result = run_factory("export", str(demo_delivery), "--ova-digest", "sha1")
+    assert result.returncode == 0, result.stderr
+    subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=demo_delivery, check=True)
+    cot = Path(sys.executable).with_name("cot")
+    if not cot.exists():
+        pytest.skip("cot is not installed")
+    info = subprocess.run(
+        [str(cot), "-f", "info", str(demo_delivery / "demo_hello_v1.ova")],
+        capture_output=True,
+        text=True,
+    )
+    assert info.returncode == 0, info.stderr
+    assert "ERROR" not in info.stdout + info.stderr
+    assert "tampered" not in info.stdout + info.stderr
+
+
+def test_interrupt_mid_validation_leaves_no_vm(demo_delivery, tmp_path):
+    before = qemu_pids()
+    leftovers = set(Path("/tmp").glob("factory-validate-*"))
+    stderr = interrupt_when(
+        ["validate", str(demo_delivery), "--report-dir", str(tmp_path)],
+        "booting",
+        signal.SIGTERM,
+    )
+    assert "interrupted" in stderr
+    time.sleep(2)
+    assert qemu_pids() - before == set()
+    assert set(Path("/tmp").glob("factory-validate-*")) == leftovers
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_validates(demo_validation, demo_delivery):
