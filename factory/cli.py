@@ -68,6 +68,16 @@ def doctor(refresh: bool) -> None:
         raise FactoryError("this host cannot build images yet; run the fixes above")
 
 
+@cli.command()
+def schema() -> None:
+    """Print the profile's JSON schema (for editors and docs)."""
+    import json
+
+    from factory.profile import Profile
+
+    click.echo(json.dumps(Profile.model_json_schema(), indent=2))
+
+
 @cli.group()
 def base() -> None:
     """Base OS images (stage: base OS)."""

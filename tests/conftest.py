@@ -3,10 +3,13 @@ validation boot) are built once per session and shared by many checks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -58,12 +61,44 @@ def e2e_outputs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("outputs")
 
 
+class BuildSecrets:
+    """What the demo build used that must never leak: its ephemeral SSH private key(s), and
+    every command line seen while it ran."""
+
+    def __init__(self) -> None:
+        self.private_keys: set[str] = set()
+        self.command_lines: set[str] = set()
+
+    def watch(self) -> None:
+        for key in Path(tempfile.gettempdir()).glob("factory-key-*/id_ed25519"):
+            with contextlib.suppress(OSError):
+                self.private_keys.add(key.read_text())
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                self.command_lines.add(cmdline.read_bytes().replace(b"\0", b" ").decode())
+
+
 @pytest.fixture(scope="session")
-def demo_delivery(demo_channel: Path, e2e_outputs: Path) -> Path:
+def build_secrets() -> BuildSecrets:
+    return BuildSecrets()
+
+
+@pytest.fixture(scope="session")
+def demo_delivery(demo_channel: Path, e2e_outputs: Path, build_secrets: BuildSecrets) -> Path:
     """The demo profile built through the real chain (base image, packer, export)."""
-    result = run_factory("build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs))
-    print(result.stdout, result.stderr, file=sys.stderr)
-    assert result.returncode == 0, f"demo build failed:\n{result.stderr[-4000:]}"
+    process = subprocess.Popen(
+        [*FACTORY, "build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    while process.poll() is None:
+        build_secrets.watch()
+        time.sleep(2)
+    output = process.stdout.read() if process.stdout else ""
+    print(output, file=sys.stderr)
+    assert process.returncode == 0, f"demo build failed:\n{output[-4000:]}"
     delivery = e2e_outputs / "demo_hello_v1"
     assert delivery.is_dir()
     return delivery

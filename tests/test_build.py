@@ -66,3 +66,21 @@ def test_existing_delivery_is_not_overwritten_without_force(tmp_path):
     assert "already holds a delivery" in result.stderr
     assert time.monotonic() - started < 30
     assert (tmp_path / "demo_hello_v1" / "demo_hello_v1.ova").read_text() == "delivered"
+
+
+def test_build_refuses_when_disk_is_too_small(tmp_path):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        result = run_factory("build", str(DEMO_PROFILE), "--outputs", str(small))
+        assert result.returncode == 1
+        assert "needs about 10 GiB" in result.stderr
+        assert [p.name for p in small.iterdir() if not p.name.startswith(".")] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

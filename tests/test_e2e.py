@@ -108,12 +108,30 @@ def test_ova_is_ustar_with_ovf_first(demo_delivery):
     assert header == b"ustar\x0000"
 
 
-def test_no_secret_in_delivery(demo_delivery):
+def test_no_secret_in_delivery_logs_or_process_list(demo_delivery, build_secrets, tmp_path):
+    """Search everything the build produced, and the process list, for the build's key."""
+    assert build_secrets.private_keys, "the build's ephemeral key was never seen"
+    bodies = {"".join(key.splitlines()[1:-1])[:60].encode() for key in build_secrets.private_keys}
     for path in demo_delivery.rglob("*"):
         if path.is_file() and path.suffix not in (".ova", ".qcow2"):
-            text = path.read_text(errors="replace")
-            assert "PRIVATE KEY" not in text, path
-            assert "JUPYTER_TOKEN=" not in text, path
+            data = path.read_bytes()
+            assert b"PRIVATE KEY" not in data, path
+            assert b"JUPYTER_TOKEN=" not in data, path
+            assert not any(body in data.replace(b"\n", b"") for body in bodies), path
+    for line in build_secrets.command_lines:
+        assert "PRIVATE KEY" not in line
+        assert "build_ssh_key_file=" not in line
+    raw = tmp_path / "image.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(demo_delivery / "demo_hello_v1.qcow2"), str(raw)],
+        check=True,
+    )
+    for needle in [b"BEGIN OPENSSH PRIVATE KEY", *bodies]:
+        found = subprocess.run(
+            ["grep", "-c", "-a", "-F", needle.decode(), str(raw)], capture_output=True, text=True
+        )
+        assert found.stdout.strip() == "0", needle
+    raw.unlink()
 
 
 def test_interrupt_mid_export_keeps_the_delivered_ova(demo_delivery):
