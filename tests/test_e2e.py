@@ -186,6 +186,8 @@ def test_demo_validates(demo_validation, demo_delivery):
         "demo: imports tabulate",
         "demo: conda package six",
         "jupyter: service active",
+        "demo: matches its lock",
+        "jupyter: matches its lock",
         "ssh: root login with an authorised key is refused",
         "hygiene: no build credentials left",
         "cloud-init: finished without errors",
@@ -195,19 +197,40 @@ def test_demo_validates(demo_validation, demo_delivery):
         assert (demo_delivery / report_file).stat().st_size > 0
 
 
-def test_validator_fails_exactly_the_missing_package(demo_validation, demo_delivery, tmp_path):
-    """A profile that promises a package the image lacks fails that check, and only that one."""
+def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):
+    """One boot, two broken promises: a profile that promises a package the image lacks, and a
+    lock that names a version the image does not hold. Exactly those two checks fail."""
     assert demo_validation.returncode == 0
+    copy = tmp_path / "demo_hello_v1"
+    subprocess.run(["cp", "-al", str(demo_delivery), str(copy)], check=True)
+    lock_path = copy / "locks" / "demo.lock.json"
+    lock = json.loads(lock_path.read_text())
+    lock_path.unlink()  # it is a hard link to the delivery's lock
+    for package in lock["conda"]:
+        if package["name"] == "six":
+            package["version"] = "0.0.1"
+    lock_path.write_text(json.dumps(lock))
     promised = tmp_path / "demo-plus-requests.yaml"
     promised.write_text(
         DEMO_PROFILE.read_text().replace("pip: [tabulate]", "pip: [tabulate, requests]")
     )
     report_dir = tmp_path / "reports"
     result = run_factory(
-        "validate", str(demo_delivery), "--profile", str(promised), "--report-dir", str(report_dir)
+        "validate", str(copy), "--profile", str(promised), "--report-dir", str(report_dir)
     )
     assert result.returncode == 1
     assert "demo: imports requests" in result.stderr
     report = json.loads((report_dir / "report.json").read_text())
-    failed = [c["name"] for c in report["checks"] if c["status"] == "failed"]
-    assert failed == ["demo: imports requests"]
+    failed = sorted(c["name"] for c in report["checks"] if c["status"] == "failed")
+    assert failed == ["demo: imports requests", "demo: matches its lock"]
+    detail = next(c["detail"] for c in report["checks"] if c["name"] == "demo: matches its lock")
+    assert "six 1.17.0 (lock 0.0.1)" in detail
+
+
+def test_exported_environments_match_the_lock(demo_validation, demo_delivery):
+    assert demo_validation.returncode == 0
+    installed = json.loads((demo_delivery / "envs" / "demo.installed.json").read_text())
+    lock = json.loads((demo_delivery / "locks" / "demo.lock.json").read_text())
+    for package in lock["conda"]:
+        assert installed["conda"][package["name"]] == package["version"]
+    assert "tabulate==" in (demo_delivery / "envs" / "demo.pip-freeze.txt").read_text()

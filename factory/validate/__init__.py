@@ -3,6 +3,7 @@ promises. Results go to report.json, report.xml (JUnit) and report.html."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def validate_delivery(
                     target=target,
                     loaded=loaded,
                     throwaway_vm=True,
+                    locks=_delivery_locks(delivery),
                     root_login_probe=lambda: _root_login_probe(target, vm),
                     password_login_probe=lambda: try_password_login(
                         "127.0.0.1", vm.ssh_port, loaded.profile.admin.user, vm.host_keys
@@ -99,7 +101,24 @@ def validate_delivery(
         "profile": str(loaded.path),
     }
     reports = write_reports(results, report_dir or delivery, subject)
+    _write_exports(ctx.extra.get("exports", {}), report_dir or delivery)
     return ValidationOutcome(results, reports, boot_seconds)
+
+
+def _delivery_locks(delivery: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((delivery / "locks").glob("*.lock.json"))]
+
+
+def _write_exports(exports: dict[str, dict], out_dir: Path) -> None:
+    """Save what each environment really holds, as read back from the booted image."""
+    if not exports:
+        return
+    folder = out_dir / "envs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, installed in exports.items():
+        (folder / f"{name}.installed.json").write_text(json.dumps(installed, indent=2) + "\n")
+        freeze = "".join(f"{n}=={v}\n" for n, v in sorted(installed["pip"].items()))
+        (folder / f"{name}.pip-freeze.txt").write_text(freeze)
 
 
 def _root_login_probe(target, vm) -> str:

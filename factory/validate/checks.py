@@ -31,6 +31,7 @@ class CheckContext:
     throwaway_vm: bool
     root_login_probe: Callable[[], str] | None = None
     password_login_probe: Callable[[], str] | None = None
+    locks: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -292,6 +293,52 @@ def check_cloud_init(ctx: CheckContext) -> list[CheckResult]:
     ]
 
 
+EXPORT_PROBE = r"""
+import importlib.metadata as md, json, os, sys
+meta = os.path.join(sys.prefix, "conda-meta")
+conda = {}
+for name in sorted(os.listdir(meta)) if os.path.isdir(meta) else []:
+    if name.endswith(".json"):
+        with open(os.path.join(meta, name)) as handle:
+            record = json.load(handle)
+        conda[record["name"]] = record["version"]
+pip = {d.metadata["Name"].lower().replace("_", "-").replace(".", "-"): d.version
+       for d in md.distributions()}
+print(json.dumps({"conda": conda, "pip": pip}, sort_keys=True))
+"""
+
+
+def export_environment(ctx: CheckContext, name: str) -> dict | None:
+    """What is really installed in an environment: conda records and pip distributions."""
+    result = ctx.target.run(f"/opt/conda/envs/{name}/bin/python -c {_quote(EXPORT_PROBE)}")
+    return json.loads(result.stdout) if result.ok else None
+
+
+def check_matches_lock(ctx: CheckContext, lock: dict) -> list[CheckResult]:
+    """Every locked package is installed at its locked version; the export is kept."""
+    name, group = lock["name"], f"env:{lock['name']}"
+    installed = export_environment(ctx, name)
+    if installed is None:
+        return [
+            CheckResult(
+                f"{name}: matches its lock", FAILED, "cannot read the environment", group=group
+            )
+        ]
+    ctx.extra.setdefault("exports", {})[name] = installed
+    wrong = []
+    for package in lock["conda"]:
+        have = installed["conda"].get(package["name"])
+        if have != package["version"]:
+            wrong.append(f"{package['name']} {have or 'missing'} (lock {package['version']})")
+    for package in lock["pip"]:
+        have = installed["pip"].get(package["name"])
+        if have != package["version"]:
+            wrong.append(f"{package['name']} {have or 'missing'} (lock {package['version']})")
+    count = len(lock["conda"]) + len(lock["pip"])
+    detail = "; ".join(wrong) or f"all {count} locked packages at their locked versions"
+    return [_result(f"{name}: matches its lock", not wrong, detail, group)]
+
+
 def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
     """Every check the profile implies, in a stable order."""
     results: list[CheckResult] = []
@@ -299,6 +346,7 @@ def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
     suites += [
         lambda env=env: check_environment(ctx, env) for env in image_environments(ctx.loaded)
     ]
+    suites += [lambda lock=lock: check_matches_lock(ctx, lock) for lock in ctx.locks]
     suites += [
         lambda: check_jupyter(ctx),
         lambda: check_ssh_hardening(ctx),
