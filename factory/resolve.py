@@ -208,9 +208,11 @@ def solve_pip(env_name: str, python: str, requirements: list[str]) -> list[PipPa
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             text = result.stderr.strip() or result.stdout.strip()
-            first = next(
-                (ln for ln in text.splitlines() if ln.startswith("ERROR")), text[:200]
-            ).removeprefix("ERROR: ")
+            errors = [
+                ln.removeprefix("ERROR: ") for ln in text.splitlines() if ln.startswith("ERROR")
+            ] or [text[:200]]
+            telling = ("No matching distribution", "Cannot install", "conflict")
+            first = next((e for e in errors if any(t in e for t in telling)), errors[-1])
             raise ConflictError(
                 f"environment '{env_name}': pip cannot resolve {', '.join(requirements)} for "
                 f"python {python} on linux x86_64 ({first}); pick versions that ship wheels "
