@@ -31,7 +31,7 @@ from factory.progress import Progress
 from factory.render import BuildInputs, packer_env, render_build_dir
 from factory.resolve import lock_dir_for, lock_profile
 
-HEAVY_PAYLOAD_DIRS = ["pkgs", "wheels", "installer"]
+HEAVY_PAYLOAD_DIRS = ["channel", "wheels", "installer"]
 
 
 @dataclass(frozen=True)

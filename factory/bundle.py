@@ -1,11 +1,13 @@
 """Fetch everything the locks name onto the host, so the image installs with no network.
 
-The payload holds the conda packages, the pip wheelhouse, the locks and the conda-compatible
-installer (py-rattler) for the image's own python. It is shipped into the build VM.
+The payload holds the locked conda packages as an indexed private channel, the pip wheelhouse,
+the locks and the conda-compatible installer (py-rattler) for the image's own python. It is
+shipped into the build VM; offline profiles keep the channel and wheelhouse in the image.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -16,6 +18,8 @@ import time
 import urllib.request
 from importlib import metadata
 from pathlib import Path
+
+import rattler.index
 
 from factory.cache import cache_dir, sha256_file
 from factory.errors import FactoryError
@@ -85,14 +89,14 @@ def _installer_wheels(dest: Path) -> None:
 
 def build_payload(locks: dict[str, EnvLock], payload: Path, log=print) -> Path:
     """Write the payload directory: conda packages, wheels, locks and the installer."""
-    pkgs, wheels, envs = payload / "pkgs", payload / "wheels", payload / "envs"
-    for folder in (pkgs, wheels, envs):
+    channel, wheels, envs = payload / "channel", payload / "wheels", payload / "envs"
+    for folder in (channel / "noarch", channel / "linux-64", wheels, envs):
         folder.mkdir(parents=True, exist_ok=True)
     for lock in locks.values():
         log(f"fetching {len(lock.conda)} conda packages for '{lock.name}'")
         for package in lock.conda:
             source = fetch_conda_package(package.url, package.sha256)
-            target = pkgs / package.file_name
+            target = channel / package.url.rsplit("/", 2)[-2] / package.file_name
             if not target.exists():
                 shutil.copy2(source, target)
                 target.chmod(0o644)
@@ -107,6 +111,8 @@ def build_payload(locks: dict[str, EnvLock], payload: Path, log=print) -> Path:
                 _pip_download(env_dir / "pip.txt", lock.python, Path(scratch), log)
                 for wheel in Path(scratch).iterdir():
                     shutil.move(str(wheel), wheels / wheel.name)
+    log("indexing the private channel")
+    asyncio.run(rattler.index.index_fs(channel, force=True, write_zst=False, write_shards=False))
     log("fetching the rattler installer")
     _installer_wheels(payload / "installer")
     _write_checksums(payload)

@@ -293,7 +293,7 @@ def _run() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        _err("interrupted")
+        _err("interrupted; nothing was published")
         sys.exit(130)
     except click.ClickException as error:
         error.show()

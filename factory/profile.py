@@ -173,6 +173,11 @@ class Profile(Strict):
     conda: Conda = Field(default_factory=Conda)
     environments: Annotated[list[Environment], Field(min_length=1)]
     jupyter: Jupyter = Field(default_factory=Jupyter)
+    offline: bool = Field(
+        False,
+        description="Air-gapped: build and run with the network cut; the image keeps a private "
+        "conda channel and pip wheelhouse, and .condarc and pip.conf point only at them.",
+    )
     extends: str | list[str] | None = Field(
         None, description="Profile file(s) or preset name(s) this profile builds on."
     )

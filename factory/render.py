@@ -27,7 +27,13 @@ PACKER_DIR = REPO_ROOT / "packer"
 PROVISIONERS_DIR = REPO_ROOT / "provisioners"
 # Ordered stages: each later stage depends on the ones before it (for layer caching).
 STAGE_SCRIPTS = ["10-system.sh", "20-conda-envs.sh", "30-jupyter.sh"]
-PAYLOAD_FILES = ["install_env.py", "seal.sh", "factory-firstboot", "factory-firstboot.service"]
+PAYLOAD_FILES = [
+    "install_env.py",
+    "factory-env",
+    "seal.sh",
+    "factory-firstboot",
+    "factory-firstboot.service",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     )
     template = env.get_template("image.pkr.hcl.j2")
     return template.render(
+        offline=loaded.profile.offline,
         modern_packer=inputs.packer_version >= (1, 7, 0),
         scripts=[f"provisioners/{name}" for name in stage_scripts(loaded)],
     )
@@ -118,6 +125,7 @@ def render_settings(loaded: LoadedProfile) -> str:
             "ENVIRONMENTS": " ".join(env.name for env in image_environments(loaded)),
             "JUPYTER_ENABLED": int(profile.jupyter.enabled),
             "JUPYTER_PORT": profile.jupyter.port,
+            "OFFLINE": int(profile.offline),
         }
     )
 

@@ -18,8 +18,31 @@ for env in $ENVIRONMENTS; do
     PYTHONPATH="$installer" python3 "$FACTORY_PAYLOAD/install_env.py" \
         "$FACTORY_PAYLOAD" "$env" "/opt/conda/envs/$env"
 done
+# The installer stays in the image: factory-env uses it to create environments offline.
+install -m 755 "$FACTORY_PAYLOAD/factory-env" /usr/local/bin/factory-env
+
+if [ "${OFFLINE:-0}" = 1 ]; then
+    echo "factory-step: private channel and wheelhouse"
+    rm -rf /opt/factory/channel /opt/factory/wheelhouse
+    cp -r "$FACTORY_PAYLOAD/channel" /opt/factory/channel
+    cp -r "$FACTORY_PAYLOAD/wheels" /opt/factory/wheelhouse
+    cat > /opt/conda/.condarc <<'CONDARC'
+# Installed by factory: this image is air-gapped; only its private channel is used.
+channels:
+  - file:///opt/factory/channel
+default_channels: []
+offline: true
+CONDARC
+    cat > /etc/pip.conf <<'PIPCONF'
+# Installed by factory: this image is air-gapped; pip installs only from its wheelhouse.
+[global]
+no-index = true
+find-links = /opt/factory/wheelhouse
+PIPCONF
+fi
+
 # The installer writes some metadata owner-only; every user must be able to read the envs.
-chmod -R a+rX /opt/conda
+chmod -R a+rX /opt/conda /opt/factory
 
 cat > /etc/profile.d/factory-conda.sh <<'PROFILE'
 # Installed by factory: `factory-activate ENV` puts an environment first on PATH.

@@ -29,7 +29,10 @@ def locked_files(explicit: Path) -> list[tuple[str, str]]:
 async def install(payload: Path, env: str, prefix: Path) -> None:
     records = []
     for file_name, md5 in locked_files(payload / "envs" / env / "explicit.txt"):
-        path = payload / "pkgs" / file_name
+        matches = list((payload / "channel").glob(f"*/{file_name}"))
+        if len(matches) != 1:
+            sys.exit(f"{file_name}: not in the shipped channel")
+        path = matches[0]
         actual = hashlib.md5(path.read_bytes()).hexdigest()
         if actual != md5:
             sys.exit(f"{file_name}: md5 {actual} does not match the lock ({md5})")

@@ -11,7 +11,7 @@ rm -f /etc/factory/jupyter.env
 admin_home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
 rm -f "$admin_home/jupyter-token"
 rm -rf /srv/jupyter/.local/share/jupyter/runtime
-rm -rf /opt/factory/installer /var/cache/factory-rattler
+rm -rf /var/cache/factory-rattler
 
 rm -f /etc/ssh/ssh_host_*
 truncate -s 0 /etc/machine-id

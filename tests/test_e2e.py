@@ -190,6 +190,10 @@ def test_demo_validates(demo_validation, demo_delivery):
         "jupyter: matches its lock",
         "ssh: root login with an authorised key is refused",
         "hygiene: no build credentials left",
+        "offline: the guest has no network egress",
+        "offline: .condarc and pip.conf point only at the image",
+        "offline: a new environment is created from the baked channel",
+        "offline: pip installs tabulate from the wheelhouse",
         "cloud-init: finished without errors",
     ):
         assert expected in names, expected

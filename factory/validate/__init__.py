@@ -62,7 +62,12 @@ def validate_delivery(
         disk = extract_ova_disk(ova, Path(scratch))
         resources = loaded.profile.resources
         with boot_delivery(
-            disk, max(resources.memory, 2048), min(resources.cpus, 2), accel, log=log
+            disk,
+            max(resources.memory, 2048),
+            min(resources.cpus, 2),
+            accel,
+            restrict_network=loaded.profile.offline,
+            log=log,
         ) as vm:
             log(f"host keys read from the console after {vm.boot_seconds:.0f} s; logging in")
             target = connect(

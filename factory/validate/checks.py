@@ -265,7 +265,7 @@ def check_build_credentials_removed(ctx: CheckContext) -> list[CheckResult]:
     if ctx.target.run(f"getent passwd {BUILD_USER}").ok:
         leftovers.append(f"user {BUILD_USER}")
     probe = ctx.target.run(
-        f"sudo sh -c 'ls -d /home/{BUILD_USER} /tmp/factory-payload /opt/factory/installer "
+        f"sudo sh -c 'ls -d /home/{BUILD_USER} /tmp/factory-payload "
         f"2>/dev/null; grep -rl {BUILD_USER} /etc/sudoers /etc/sudoers.d /etc/passwd /etc/shadow "
         "/etc/group 2>/dev/null'"
     )
@@ -339,6 +339,65 @@ def check_matches_lock(ctx: CheckContext, lock: dict) -> list[CheckResult]:
     return [_result(f"{name}: matches its lock", not wrong, detail, group)]
 
 
+def check_offline(ctx: CheckContext) -> list[CheckResult]:
+    """Air-gapped images: no egress, package tools point only inside, and a new environment
+    can be made from the baked channel."""
+    group = "offline"
+    if not ctx.loaded.profile.offline:
+        return []
+    egress = ctx.target.run("curl -s -m 10 -o /dev/null http://deb.debian.org/debian/")
+    results = [
+        _result(
+            "offline: the guest has no network egress",
+            not egress.ok,
+            f"curl to Debian's mirror exit {egress.exit_code}",
+            group,
+        )
+    ]
+    config = ctx.target.run("cat /opt/conda/.condarc /etc/pip.conf").stdout
+    channels = re.findall(r"^\s*-\s*(\S+)", config, re.M)
+    pointed = channels == ["file:///opt/factory/channel"] and "no-index = true" in config
+    results.append(
+        _result(
+            "offline: .condarc and pip.conf point only at the image",
+            pointed,
+            f"conda channels {channels}; pip no-index: {'no-index' in config}",
+            group,
+        )
+    )
+    first = ctx.loaded.profile.environments[0]
+    specs = [f"python={first.python}"] + [
+        n for n in map(_spec_name, first.conda) if n not in ("python",)
+    ]
+    create = ctx.target.run(
+        f"sudo factory-env create factory-probe {' '.join(map(_quote, specs))}", timeout=900
+    )
+    results.append(
+        _result(
+            "offline: a new environment is created from the baked channel",
+            create.ok,
+            (create.stdout or create.stderr).strip()[-300:],
+            group,
+        )
+    )
+    if create.ok and first.pip and "pip" in specs:
+        package = _spec_name(first.pip[0])
+        pip = ctx.target.run(
+            f"sudo /opt/conda/envs/factory-probe/bin/python -m pip install -q {_quote(package)}"
+            f" && /opt/conda/envs/factory-probe/bin/python -m pip show {_quote(package)}",
+            timeout=600,
+        )
+        results.append(
+            _result(
+                f"offline: pip installs {package} from the wheelhouse",
+                pip.ok,
+                (pip.stdout or pip.stderr).strip()[-300:],
+                group,
+            )
+        )
+    return results
+
+
 def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
     """Every check the profile implies, in a stable order."""
     results: list[CheckResult] = []
@@ -351,6 +410,7 @@ def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
         lambda: check_jupyter(ctx),
         lambda: check_ssh_hardening(ctx),
         lambda: check_build_credentials_removed(ctx),
+        lambda: check_offline(ctx),
     ]
     for suite in suites:
         started = time.monotonic()
