@@ -4,6 +4,7 @@ One build and one validation boot are shared by all the checks here (see conftes
 
 import fcntl
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_no_secret_in_delivery_logs_or_process_list(demo_delivery, build_secrets
         if path.is_file() and path.suffix not in (".ova", ".qcow2"):
             data = path.read_bytes()
             assert b"PRIVATE KEY" not in data, path
-            assert b"JUPYTER_TOKEN=" not in data, path
+            assert not re.search(rb"JUPYTER_TOKEN=[0-9a-f]{16}", data), path
             assert not any(body in data.replace(b"\n", b"") for body in bodies), path
     for line in build_secrets.command_lines:
         assert "PRIVATE KEY" not in line
