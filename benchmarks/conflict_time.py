@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.channel import build_test_channel  # noqa: E402
+from tests.test_resolve import profile_with  # noqa: E402
 
 CASES = {
     "two pins of one package": ("[wants-pinned-lib-1, wants-pinned-lib-2]", "[]"),
@@ -29,22 +29,6 @@ CASES = {
     "package does not exist": ("[no-such-package]", "[]"),
     "pip package without a wheel for the python": ("[]", "[numpy==1.21.0]"),
 }
-
-
-def profile_text(channel: Path, conda: str, pip: str) -> str:
-    key = re.search(r"ssh-ed25519 \S+", (REPO / "profiles" / "demo.yaml").read_text()).group(0)
-    return f"""client: bench
-project: conflict
-version: 1
-admin: {{user: analyst, ssh_keys: ["{key}"]}}
-jupyter: {{enabled: false}}
-environments:
-  - name: model
-    python: "3.11"
-    channels: ["{channel.as_uri()}"]
-    conda: {conda}
-    pip: {pip}
-"""
 
 
 def main() -> None:
@@ -60,8 +44,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, (conda, pip) in CASES.items():
-            path = Path(scratch) / f"{len(results)}.yaml"
-            path.write_text(profile_text(channel, conda, pip))
+            case_dir = Path(scratch) / str(len(results))
+            case_dir.mkdir()
+            path = profile_with(case_dir, channel, conda, pip)
             started = time.monotonic()
             run = subprocess.run(
                 [sys.executable, "-m", "factory", "lock", str(path)],

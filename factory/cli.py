@@ -21,6 +21,15 @@ from factory.errors import FactoryError
 DEFAULT_OUTPUTS = Path("outputs")
 _debug = False
 
+outputs_option = click.option(
+    "--outputs",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_OUTPUTS,
+    envvar="FACTORY_OUTPUTS",
+    show_default=True,
+    help="Folder that receives the deliveries.",
+)
+
 
 class Terminated(BaseException):
     """SIGTERM, handled like Ctrl-C so every stage cleans up."""
@@ -114,13 +123,7 @@ def lock(profile: Path, force: bool) -> None:
 
 @cli.command()
 @click.argument("profile", type=click.Path(path_type=Path))
-@click.option(
-    "--outputs",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_OUTPUTS,
-    envvar="FACTORY_OUTPUTS",
-    show_default=True,
-)
+@outputs_option
 def render(profile: Path, outputs: Path) -> None:
     """Render the Packer build folder to outputs/<name>/build and validate it."""
     import shutil
@@ -167,13 +170,7 @@ def _packer_version() -> tuple[int, int, int]:
 
 @cli.command()
 @click.argument("profile", type=click.Path(path_type=Path))
-@click.option(
-    "--outputs",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_OUTPUTS,
-    envvar="FACTORY_OUTPUTS",
-    show_default=True,
-)
+@outputs_option
 @click.option(
     "--accelerator",
     default="auto",

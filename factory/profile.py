@@ -98,6 +98,11 @@ class Admin(Strict):
         return [key.strip() for key in keys]
 
 
+def package_name(spec: str) -> str:
+    """The package name of a conda or pip spec ('numpy>=1.26' -> 'numpy')."""
+    return re.split(r"[\s<>=!~\[]", spec.strip(), maxsplit=1)[0].lower()
+
+
 def _check_package_specs(specs: list[str]) -> list[str]:
     for spec in specs:
         if not PACKAGE_SPEC.match(spec):
@@ -264,24 +269,29 @@ class LoadedProfile(BaseModel):
         return (self.path.parent / channel).resolve().as_uri()
 
 
-def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
-    """Find the YAML line of a field path, falling back to the nearest parent."""
+def _walk(root: yaml.Node | None, loc: tuple) -> tuple[int | None, bool]:
+    """The YAML line of a field path (or of its nearest parent) and whether the whole path
+    exists in this document."""
     node, line = root, (root.start_mark.line + 1) if root is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if k.value == part]
+            match = [(k, v) for k, v in node.value if k.value == part]
             if not match:
-                break
-            key = next(k for k, v in node.value if k.value == part)
-            node, line = match[0], key.start_mark.line + 1
+                return line, False
+            key, node = match[0]
+            line = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
             if part >= len(node.value):
-                break
+                return line, False
             node = node.value[part]
             line = node.start_mark.line + 1
         else:
-            break
-    return line
+            return line, False
+    return line, True
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    return _walk(root, loc)[0]
 
 
 def _field_path(loc: tuple) -> str:
@@ -424,23 +434,6 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _has_path(root: yaml.Node, loc: tuple) -> bool:
-    node = root
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if k.value == part]
-            if not match:
-                return False
-            node = match[0]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return False
-            node = node.value[part]
-        else:
-            return False
-    return True
-
-
 def load_profile(path: Path | str) -> LoadedProfile:
     """Read and validate a profile (and what it extends), raising ProfileError with one line
     on any problem."""
@@ -458,7 +451,7 @@ def load_profile(path: Path | str) -> LoadedProfile:
         named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", detail)
         if not loc and named:
             loc, detail = tuple(named.group(1).split(".")), named.group(2)
-        source = next((d for d in chain if _has_path(d.root, loc)), chain[0])
+        source = next((d for d in chain if _walk(d.root, loc)[1]), chain[0])
         line = _line_of(source.root, loc)
         where = f"{source.path}:{line}" if line else str(source.path)
         raise ProfileError(f"{where}: {_field_path(loc)}: {detail}") from None

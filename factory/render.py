@@ -93,20 +93,24 @@ def render_pkrvars(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def temporary_login(user: str, public_key: str) -> dict:
+    """cloud-config for a key-only sudo user that exists while a VM is built or validated."""
+    return {
+        "users": [
+            {
+                "name": user,
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "shell": "/bin/bash",
+                "lock_passwd": True,
+                "ssh_authorized_keys": [public_key],
+            }
+        ],
+    }
+
+
 def render_seed(loaded: LoadedProfile, inputs: BuildInputs) -> dict[str, str]:
     user_data = cloud_config(
-        {
-            "users": [
-                {
-                    "name": BUILD_USER,
-                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                    "shell": "/bin/bash",
-                    "lock_passwd": True,
-                    "ssh_authorized_keys": [inputs.build_key.public_key],
-                }
-            ],
-            "ssh_pwauth": False,
-        }
+        {**temporary_login(BUILD_USER, inputs.build_key.public_key), "ssh_pwauth": False}
     )
     hostname = loaded.name.replace("_", "-")
     meta_data = f"instance-id: factory-build-{hostname}\nlocal-hostname: {hostname}\n"

@@ -22,7 +22,7 @@ from rattler.exceptions import SolverError
 
 from factory.cache import cache_dir, inputs_key
 from factory.errors import FactoryError
-from factory.profile import Environment, LoadedProfile
+from factory.profile import Environment, LoadedProfile, package_name
 
 TARGET_PLATFORMS = ["linux-64", "noarch"]
 TARGET_GLIBC = "2.36"  # Debian 12
@@ -116,15 +116,15 @@ def _virtual_packages() -> list[GenericVirtualPackage]:
 
 def _conda_specs(env: Environment) -> list[str]:
     specs = list(env.conda)
-    if not any(re.split(r"[<>=!~ ]", s, maxsplit=1)[0] == "python" for s in specs):
+    if not any(package_name(s) == "python" for s in specs):
         specs.insert(0, f"python={env.python}")
-    if env.pip and not any(re.split(r"[<>=!~ ]", s, maxsplit=1)[0] == "pip" for s in specs):
+    if env.pip and not any(package_name(s) == "pip" for s in specs):
         specs.append("pip")
     return specs
 
 
 def _conflict_summary(env: Environment, specs: list[str], text: str) -> str:
-    names = {re.split(r"[<>=!~ ]", s, maxsplit=1)[0] for s in specs}
+    names = {package_name(s) for s in specs}
     mentioned = sorted(n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
     unmet = re.search(r"(\S+) \S+ would require\s*\n\W*(.+?), for which no candidates", text)
     if unmet:

@@ -20,7 +20,7 @@ from factory.validate.checks import (
     run_all_checks,
 )
 from factory.validate.report import write_reports
-from factory.validate.target import connect, try_login, try_password_login
+from factory.validate.target import connect, try_login
 
 __all__ = ["ValidationOutcome", "validate_delivery", "validate_host"]
 
@@ -91,8 +91,12 @@ def validate_delivery(
                     throwaway_vm=True,
                     locks=_delivery_locks(delivery),
                     root_login_probe=lambda: _root_login_probe(target, vm),
-                    password_login_probe=lambda: try_password_login(
-                        "127.0.0.1", vm.ssh_port, loaded.profile.admin.user, vm.host_keys
+                    password_login_probe=lambda: try_login(
+                        "127.0.0.1",
+                        vm.ssh_port,
+                        loaded.profile.admin.user,
+                        vm.host_keys,
+                        password="factory-probe-password",
                     ),
                 )
                 log("running checks")
@@ -134,7 +138,9 @@ def _root_login_probe(target, vm) -> str:
         stdin=public + "\n",
     )
     try:
-        return try_login("127.0.0.1", vm.ssh_port, "root", vm.key.private_key_file, vm.host_keys)
+        return try_login(
+            "127.0.0.1", vm.ssh_port, "root", vm.host_keys, key_file=vm.key.private_key_file
+        )
     finally:
         target.run("sudo rm -f /root/.ssh/authorized_keys")
 

@@ -19,6 +19,7 @@ from factory import host
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config
 from factory.keys import KeyPair, ephemeral_keypair
+from factory.render import temporary_login
 
 VALIDATOR_USER = "factory-validate"
 HOST_KEY_BLOCKS = [
@@ -53,19 +54,7 @@ def _free_port() -> int:
 
 
 def _seed_iso(folder: Path, key: KeyPair) -> Path:
-    user_data = cloud_config(
-        {
-            "users": [
-                {
-                    "name": VALIDATOR_USER,
-                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                    "shell": "/bin/bash",
-                    "lock_passwd": True,
-                    "ssh_authorized_keys": [key.public_key],
-                }
-            ],
-        }
-    )
+    user_data = cloud_config(temporary_login(VALIDATOR_USER, key.public_key))
     (folder / "user-data").write_text(user_data)
     (folder / "meta-data").write_text("instance-id: factory-validate\nlocal-hostname: validate\n")
     if shutil.which("cloud-localds") is None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from factory.profile import BUILD_USER, Environment, LoadedProfile
+from factory.profile import BUILD_USER, Environment, LoadedProfile, package_name
 from factory.resolve import image_environments
 from factory.validate.target import SSHTarget
 
@@ -74,15 +74,11 @@ print(json.dumps(out))
 """
 
 
-def _spec_name(spec: str) -> str:
-    return re.split(r"[\s<>=!~\[]", spec.strip(), maxsplit=1)[0].lower()
-
-
 def check_environment(ctx: CheckContext, env: Environment) -> list[CheckResult]:
     group = f"env:{env.name}"
     prefix = f"/opt/conda/envs/{env.name}"
-    conda = [n for n in map(_spec_name, env.conda) if n != "python"]
-    pip = [_spec_name(s) for s in env.pip]
+    conda = [n for n in map(package_name, env.conda) if n != "python"]
+    pip = [package_name(s) for s in env.pip]
     request = json.dumps({"conda": conda, "pip": pip})
     result = ctx.target.run(f"{prefix}/bin/python -c {_quote(ENV_PROBE)}", stdin=request)
     if not result.ok:
@@ -367,7 +363,7 @@ def check_offline(ctx: CheckContext) -> list[CheckResult]:
     )
     first = ctx.loaded.profile.environments[0]
     specs = [f"python={first.python}"] + [
-        n for n in map(_spec_name, first.conda) if n not in ("python",)
+        n for n in map(package_name, first.conda) if n not in ("python",)
     ]
     create = ctx.target.run(
         f"sudo factory-env create factory-probe {' '.join(map(_quote, specs))}", timeout=900
@@ -381,7 +377,7 @@ def check_offline(ctx: CheckContext) -> list[CheckResult]:
         )
     )
     if create.ok and first.pip and "pip" in specs:
-        package = _spec_name(first.pip[0])
+        package = package_name(first.pip[0])
         pip = ctx.target.run(
             f"sudo /opt/conda/envs/factory-probe/bin/python -m pip install -q {_quote(package)}"
             f" && /opt/conda/envs/factory-probe/bin/python -m pip show {_quote(package)}",
@@ -391,7 +387,7 @@ def check_offline(ctx: CheckContext) -> list[CheckResult]:
             _result(
                 f"offline: pip installs {package} from the wheelhouse",
                 pip.ok,
-                (pip.stdout or pip.stderr).strip()[-300:],
+                " ".join((pip.stdout or pip.stderr).split())[:300],
                 group,
             )
         )

@@ -122,36 +122,24 @@ def connect(
     raise FactoryError(f"cannot log in to {user}@{host}:{port}: {last_error}")
 
 
-def try_login(host: str, port: int, user: str, key_file: Path, host_keys: list[str]) -> str:
-    """Attempt one login; return 'accepted' or why it was refused."""
+def try_login(
+    host: str,
+    port: int,
+    user: str,
+    host_keys: list[str],
+    *,
+    key_file: Path | None = None,
+    password: str | None = None,
+) -> str:
+    """Attempt one login with a key or a password; return 'accepted' or why it was refused."""
     client = pinned_client(host, port, host_keys)
     try:
         client.connect(
             host,
             port=port,
             username=user,
-            key_filename=str(key_file),
-            allow_agent=False,
-            look_for_keys=False,
-            timeout=15,
-            banner_timeout=30,
-        )
-        return "accepted"
-    except paramiko.AuthenticationException as error:
-        return f"refused ({error})"
-    finally:
-        client.close()
-
-
-def try_password_login(host: str, port: int, user: str, host_keys: list[str]) -> str:
-    """Attempt a password login; return 'accepted' or why it was refused."""
-    client = pinned_client(host, port, host_keys)
-    try:
-        client.connect(
-            host,
-            port=port,
-            username=user,
-            password="factory-probe-password",
+            key_filename=str(key_file) if key_file else None,
+            password=password,
             allow_agent=False,
             look_for_keys=False,
             timeout=15,
