@@ -54,6 +54,13 @@ DEBIAN_PACKAGES = (
     "zstd",
     "less",
     "procps",
+    # The services every factory image may run; the system stage configures or disables them.
+    "nginx",
+    "openssl",
+    "nftables",
+    "auditd",
+    "prometheus-node-exporter",
+    "unattended-upgrades",
 )
 COMPONENTS = "main,contrib,non-free,non-free-firmware"
 DISK_SIZE_GIB = 4

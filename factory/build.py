@@ -21,17 +21,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from factory import base, export, host
-from factory.bundle import build_payload
+from factory.bundle import build_payload, fetch_conda_installer
 from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
+from factory.handover import write_handover
 from factory.keys import ephemeral_keypair
 from factory.profile import LoadedProfile
 from factory.progress import Progress
 from factory.render import BuildInputs, packer_env, render_build_dir
 from factory.resolve import lock_dir_for, lock_profile
 
-HEAVY_PAYLOAD_DIRS = ["channel", "wheels", "installer"]
+# Payload parts left out of the delivery's copy of the build folder: large, or secret.
+UNDELIVERED_PAYLOAD_DIRS = ["channel", "wheels", "installer", "conda-installer", "tls"]
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,9 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 progress.set_stage("pre-flight")
                 progress.update(f"accelerator {accelerator}")
                 locks = lock_profile(loaded, log=progress.log)
+                conda_installer = loaded.profile.conda.installer_source()
+                if conda_installer is not None:  # fetched (and checked) before anything boots
+                    fetch_conda_installer(*conda_installer, log=progress.log)
                 base_image = base_image_for(loaded, progress)
                 with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
                     inputs = BuildInputs(
@@ -211,7 +218,12 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     progress.set_stage("render")
                     build_dir = render_build_dir(loaded, inputs, staging / "build")
                     progress.set_stage("bundle")
-                    build_payload(locks, build_dir / "payload", log=progress.log)
+                    build_payload(
+                        locks,
+                        build_dir / "payload",
+                        log=progress.log,
+                        conda_installer=conda_installer,
+                    )
                     run_packer(build_dir, key.private_key_file, staging / "build.log", progress)
                 progress.set_stage("export")
                 artifacts = export_delivery(loaded, staging, options, progress)
@@ -262,14 +274,39 @@ def export_delivery(
     shutil.move(built, qcow2)
     artifacts = [ova, qcow2]
     export.write_checksums(delivery, artifacts)
-    shutil.copy2(loaded.path, delivery / "profile.yaml")
+    write_delivered_profile(loaded, delivery)
+    write_handover(loaded, delivery)
     shutil.copytree(lock_dir_for(loaded), delivery / "locks")
     build_dir = staging / "build"
-    for name in HEAVY_PAYLOAD_DIRS:
+    for name in UNDELIVERED_PAYLOAD_DIRS:
         shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
     shutil.copytree(build_dir, delivery / "build")
     shutil.copy2(staging / "build.log", delivery / "build.log")
     return artifacts
+
+
+def write_delivered_profile(loaded: LoadedProfile, delivery: Path) -> Path:
+    """The effective profile (everything it extends merged in) with its sample notebooks
+    beside it, so that the delivery validates on its own. The client's TLS key stays out."""
+    data = loaded.profile.model_dump(mode="json", exclude={"extends"})
+    if data["jupyter"].get("tls"):
+        data["jupyter"]["tls"] = None
+    notebooks = []
+    for source in map(Path, loaded.profile.notebooks):
+        (delivery / "notebooks").mkdir(exist_ok=True)
+        shutil.copy2(source, delivery / "notebooks" / source.name)
+        notebooks.append(f"notebooks/{source.name}")
+    data["notebooks"] = notebooks
+    for env in data["environments"]:
+        env["channels"] = [loaded.resolve_channel(c) for c in env["channels"]]
+    header = (
+        f"# The effective profile of {loaded.name}: {loaded.path.name} with everything it "
+        "extends merged in.\n# factory validate reads it; the TLS key of a client-supplied "
+        "certificate is never copied here.\n"
+    )
+    path = delivery / "profile.yaml"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=1 << 16))
+    return path
 
 
 def keep_failure_logs(staging: Path, outputs: Path, name: str) -> Path | None:

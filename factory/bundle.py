@@ -87,8 +87,51 @@ def _installer_wheels(dest: Path) -> None:
         shutil.copy2(wheel, dest / wheel.name)
 
 
-def build_payload(locks: dict[str, EnvLock], payload: Path, log=print) -> Path:
-    """Write the payload directory: conda packages, wheels, locks and the installer."""
+def fetch_conda_installer(url: str, sha256: str, log=print) -> Path:
+    """A cached copy of the Miniconda/Miniforge installer, verified against its sha256."""
+    name = url.rsplit("/", 1)[-1]
+    cached = cache_dir() / "conda-installers" / sha256 / name
+    if cached.exists() and sha256_file(cached) == sha256:
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{name}.part")
+    log(f"downloading the conda installer {name}")
+    try:
+        _download(url, partial)
+    except FactoryError as error:
+        partial.unlink(missing_ok=True)
+        raise FactoryError(
+            f"conda.url: {error}; put the installer where the build host can read it "
+            "(file://...) or use conda.installer: rattler"
+        ) from None
+    actual = sha256_file(partial)
+    if actual != sha256:
+        partial.unlink()
+        raise FactoryError(
+            f"conda.sha256: {name} has sha256 {actual}, the profile pins {sha256}; "
+            "check the download or fix the pin"
+        )
+    partial.replace(cached)
+    return cached
+
+
+def local_explicit_text(lock: EnvLock, channel_dir: str) -> str:
+    """The explicit lock with each package read from the shipped channel, for `conda create
+    --offline --file`."""
+    lines = [f"# {lock.name}: the lock's packages from {channel_dir}", "@EXPLICIT"]
+    for package in lock.conda:
+        subdir = package.url.rsplit("/", 2)[-2]
+        lines.append(f"file://{channel_dir}/{subdir}/{package.file_name}#{package.md5}")
+    return "\n".join(lines) + "\n"
+
+
+def build_payload(
+    locks: dict[str, EnvLock],
+    payload: Path,
+    log=print,
+    conda_installer: tuple[str, str] | None = None,
+) -> Path:
+    """Write the payload directory: conda packages, wheels, locks and the installer(s)."""
     channel, wheels, envs = payload / "channel", payload / "wheels", payload / "envs"
     for folder in (channel / "noarch", channel / "linux-64", wheels, envs):
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +146,9 @@ def build_payload(locks: dict[str, EnvLock], payload: Path, log=print) -> Path:
         env_dir = envs / lock.name
         env_dir.mkdir(exist_ok=True)
         (env_dir / "explicit.txt").write_text(lock.explicit_text())
+        (env_dir / "explicit.local.txt").write_text(
+            local_explicit_text(lock, "/tmp/factory-payload/channel")
+        )
         (env_dir / "pip.txt").write_text(lock.pip_text())
         (env_dir / "lock.json").write_text(json.dumps(lock.to_json(), indent=2) + "\n")
         if lock.pip:
@@ -115,6 +161,10 @@ def build_payload(locks: dict[str, EnvLock], payload: Path, log=print) -> Path:
     asyncio.run(rattler.index.index_fs(channel, force=True, write_zst=False, write_shards=False))
     log("fetching the rattler installer")
     _installer_wheels(payload / "installer")
+    if conda_installer is not None:
+        source = fetch_conda_installer(*conda_installer, log=log)
+        (payload / "conda-installer").mkdir(exist_ok=True)
+        shutil.copy2(source, payload / "conda-installer" / "installer.sh")
     _write_checksums(payload)
     return payload
 

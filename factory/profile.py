@@ -111,7 +111,10 @@ def _check_package_specs(specs: list[str]) -> list[str]:
 
 
 class Environment(Strict):
-    name: str = Field(description="Environment name; installed at /opt/conda/envs/<name>.")
+    name: str = Field(
+        description="Environment name; installed at /opt/conda/envs/<name>. The first "
+        "environment may leave it out: it is then named client_project_vN."
+    )
     python: str = Field(description="Python version, e.g. '3.11'.")
     channels: list[str] = Field(
         min_length=1,
@@ -119,6 +122,11 @@ class Environment(Strict):
     )
     conda: list[str] = Field(default_factory=list, description="Conda package specs.")
     pip: list[str] = Field(default_factory=list, description="pip requirement specs.")
+    environment_file: str | None = Field(
+        None,
+        description="An environment.yml (relative to the profile) whose channels, "
+        "dependencies and pip list are imported; keys set here win.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -146,20 +154,109 @@ class Environment(Strict):
     _pip_specs = field_validator("pip")(classmethod(lambda cls, v: _check_package_specs(v)))
 
 
+class TLS(Strict):
+    certificate: str = Field(
+        description="PEM certificate (chain) of the client, relative to the profile."
+    )
+    key: str = Field(description="PEM private key of that certificate, relative to the profile.")
+
+
 class Jupyter(Strict):
     enabled: bool = Field(True, description="Install Jupyter Lab as a systemd service.")
     port: int = Field(8888, ge=1024, le=65535, description="Port Jupyter binds on 127.0.0.1.")
     packages: list[str] = Field(
         default_factory=lambda: ["jupyterlab"], description="pip specs of the Jupyter server."
     )
+    tls: TLS | None = Field(
+        None,
+        description="The client's own certificate for nginx; without it a self-signed one is "
+        "made on the image's first boot.",
+    )
 
     _pip_specs = field_validator("packages")(classmethod(lambda cls, v: _check_package_specs(v)))
 
 
-class Conda(Strict):
-    installer: Literal["rattler"] = Field(
-        "rattler", description="Installer that creates the environments inside the image."
+class Security(Strict):
+    firewall: bool = Field(True, description="nftables: drop every inbound port not listed.")
+    open_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list,
+        description="TCP ports to open besides 22, 80/443 (Jupyter) and 9100 (monitoring).",
     )
+    unattended_upgrades: bool = Field(
+        False, description="Install security updates automatically (needs a network)."
+    )
+    audit_retention_days: int = Field(
+        90, ge=1, le=3650, description="Days the journal, audit and access logs are kept."
+    )
+
+
+class Monitoring(Strict):
+    enabled: bool = Field(
+        False,
+        description="Expose the node exporter on port 9100 (it always runs; otherwise it "
+        "listens on 127.0.0.1 only).",
+    )
+    prometheus: bool = Field(
+        False, description="Also run a Prometheus server on 127.0.0.1:9090 (needs a network)."
+    )
+
+
+# The pinned default Miniconda: its sha256 is checked before anything is built.
+MINICONDA_URL = "https://repo.anaconda.com/miniconda/Miniconda3-py310_24.9.2-0-Linux-x86_64.sh"
+MINICONDA_SHA256 = "364869f004c6259268b09a667ed476080bf4f44e9c4ab06a293146df8990d43f"
+ANACONDA_CHANNELS = re.compile(
+    r"^(defaults|main|r|msys2|anaconda|https?://(repo\.anaconda\.com|conda\.anaconda\.org/"
+    r"(anaconda|main|r))(/|$).*)$"
+)
+
+
+class Conda(Strict):
+    installer: Literal["miniconda", "miniforge", "rattler"] = Field(
+        "miniconda",
+        description="What creates the environments in the image: 'miniconda' (the official "
+        "installer), 'miniforge' (conda-forge only) or 'rattler' (no conda binary).",
+    )
+    url: str | None = Field(
+        None,
+        description="http(s):// or file:// URL of the Miniconda/Miniforge Linux x86_64 .sh "
+        "(default for miniconda: a pinned release).",
+    )
+    sha256: str | None = Field(None, description="sha256 of that installer.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(https?|file)://\S+\.sh$", value):
+            raise ValueError("must be an http(s):// or file:// URL of the installer's .sh")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256.match(value.lower()):
+            raise ValueError("must be 64 hex digits (run `sha256sum` on the installer)")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _pinned(self) -> Conda:
+        if self.installer == "rattler":
+            return self
+        if self.installer == "miniforge" and not (self.url and self.sha256):
+            raise ValueError(
+                "the miniforge installer is pinned: set conda.url to a Miniforge3 "
+                "Linux-x86_64.sh release and conda.sha256 to its checksum"
+            )
+        if bool(self.url) != bool(self.sha256):
+            raise ValueError("set conda.url and conda.sha256 together (the url is pinned)")
+        return self
+
+    def installer_source(self) -> tuple[str, str] | None:
+        """The (url, sha256) of the conda installer, or None for rattler."""
+        if self.installer == "rattler":
+            return None
+        if self.url and self.sha256:
+            return self.url, self.sha256
+        return MINICONDA_URL, MINICONDA_SHA256
 
 
 class Profile(Strict):
@@ -178,6 +275,18 @@ class Profile(Strict):
     conda: Conda = Field(default_factory=Conda)
     environments: Annotated[list[Environment], Field(min_length=1)]
     jupyter: Jupyter = Field(default_factory=Jupyter)
+    security: Security = Field(default_factory=Security)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    notebooks: list[str] = Field(
+        default_factory=list,
+        description="Sample notebooks (.ipynb, relative to the file that names them) shipped "
+        "into Jupyter's home; the validator runs each one.",
+    )
+    virtual_packages: dict[str, str] = Field(
+        default_factory=dict,
+        description="Virtual packages of the target for the solver, e.g. {__cuda: '12.2'}; "
+        "__glibc, __linux and __unix come from the base OS unless set here.",
+    )
     offline: bool = Field(
         False,
         description="Air-gapped: build and run with the network cut; the image keeps a private "
@@ -186,6 +295,31 @@ class Profile(Strict):
     extends: str | list[str] | None = Field(
         None, description="Profile file(s) or preset name(s) this profile builds on."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_environment_name(cls, data: object) -> object:
+        """The first environment is named client_project_vN when the profile names none."""
+        if not isinstance(data, dict) or not isinstance(data.get("environments"), list):
+            return data
+        envs = data["environments"]
+        if envs and isinstance(envs[0], dict) and "name" not in envs[0]:
+            name = f"{data.get('client')}_{data.get('project')}_v{data.get('version')}"
+            data = {
+                **data,
+                "environments": [{**envs[0], "name": name.replace("-", "_")}, *envs[1:]],
+            }
+        return data
+
+    @field_validator("virtual_packages")
+    @classmethod
+    def _virtual_names(cls, packages: dict[str, str]) -> dict[str, str]:
+        for name, version in packages.items():
+            if not re.match(r"^__[a-z][a-z0-9_-]*$", name):
+                raise ValueError(f"'{name}' is not a virtual package name such as '__cuda'")
+            if not re.match(r"^[0-9][0-9a-z.]*$", str(version)):
+                raise ValueError(f"{name}: '{version}' is not a version such as '12.2'")
+        return {name: str(version) for name, version in packages.items()}
 
     @field_validator("base", mode="before")
     @classmethod
@@ -236,6 +370,60 @@ class Profile(Strict):
                 f"set it to at least {needed}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _network_needs(self) -> Profile:
+        if self.offline and self.security.unattended_upgrades:
+            raise ValueError(
+                "security.unattended_upgrades: an offline image cannot fetch updates; "
+                "set it to false or set offline: false"
+            )
+        if self.offline and self.monitoring.prometheus:
+            raise ValueError(
+                "monitoring.prometheus: the Prometheus server is installed from Debian's "
+                "mirror and an offline build has no network; set it to false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _miniforge_stays_on_conda_forge(self) -> Profile:
+        if self.conda.installer != "miniforge":
+            return self
+        for env in self.environments:
+            for channel in env.channels:
+                if ANACONDA_CHANNELS.match(channel):
+                    raise ValueError(
+                        f"environments: '{env.name}' uses Anaconda's channel '{channel}', but "
+                        "the miniforge installer keeps the image on conda-forge; use "
+                        "conda-forge or a private mirror, or installer: miniconda"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _notebooks_need_jupyter(self) -> Profile:
+        if self.notebooks and not self.jupyter.enabled:
+            raise ValueError(
+                "notebooks: sample notebooks are shipped into Jupyter's home; "
+                "set jupyter.enabled: true or remove them"
+            )
+        return self
+
+    def target_virtual_packages(self) -> dict[str, str]:
+        """What the target machine offers the conda solver: derived from the base OS, then
+        the profile's own settings."""
+        os_name = "debian" if isinstance(self.base, str) else self.base.os
+        glibc = {"debian": "2.36", "ubuntu": "2.35"}[os_name]
+        return {"__glibc": glibc, "__linux": "6.1", "__unix": "0", **self.virtual_packages}
+
+    def open_ports(self) -> list[int]:
+        """The TCP ports the firewall opens: SSH, Jupyter's HTTPS (and its redirect),
+        the node exporter when monitoring is on, and the profile's own."""
+        ports = {22, *self.security.open_ports}
+        if self.jupyter.enabled:
+            ports |= {80, 443}
+        if self.monitoring.enabled:
+            ports.add(9100)
+        return sorted(ports)
 
     @property
     def name(self) -> str:
@@ -434,13 +622,91 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _file_path(
+    document: _Document, loc: tuple, value: object, suffix: str | tuple[str, ...]
+) -> str:
+    """A file named in the profile, made absolute from the folder of the file naming it."""
+    line = _line_of(document.root, loc)
+    where = f"{document.path}:{line}: {_field_path(loc)}"
+    if not isinstance(value, str) or not value.strip():
+        raise ProfileError(f"{where}: give a file path")
+    path = (document.path.parent / value).resolve()
+    if not path.is_file():
+        raise ProfileError(f"{where}: no file {path}; fix the path (relative to this file)")
+    if not path.name.endswith(suffix):
+        kinds = " or ".join([suffix] if isinstance(suffix, str) else suffix)
+        raise ProfileError(f"{where}: {path.name} is not a {kinds} file")
+    return str(path)
+
+
+def _imported_environment(document: _Document, index: int, env: dict) -> dict:
+    """An environment with its environment.yml merged in (the profile's own keys win)."""
+    loc = ("environments", index, "environment_file")
+    path = _file_path(document, loc, env["environment_file"], (".yml", ".yaml"))
+    where = f"{document.path}:{_line_of(document.root, loc)}: {_field_path(loc)}"
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ProfileError(f"{where}: {path} is not valid YAML; fix or re-export it") from None
+    deps = spec.get("dependencies") if isinstance(spec, dict) else None
+    if not isinstance(deps, list):
+        raise ProfileError(f"{where}: {path} has no 'dependencies' list (conda env export)")
+    conda = [d for d in deps if isinstance(d, str)]
+    pip = [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]
+    python = next(
+        (m.group(1) for d in conda if (m := re.match(r"^python\s*=+\s*(3\.\d+)", d))), None
+    )
+    channels = [
+        str((Path(path).parent / c).resolve())
+        if isinstance(c, str) and c.startswith((".", "/"))
+        else c
+        for c in spec.get("channels") or []
+    ]
+    imported = {
+        "name": spec.get("name"),
+        "channels": channels,
+        "conda": conda,
+        "pip": pip,
+        "python": python,
+    }
+    merged = {k: v for k, v in imported.items() if v} | env
+    return {**merged, "environment_file": path}
+
+
+def _absolute_paths(document: _Document) -> dict:
+    """The document's data with its file paths (notebooks, TLS files) made absolute."""
+    data = dict(document.data)
+    notebooks = data.get("notebooks")
+    if isinstance(notebooks, list):
+        data["notebooks"] = [
+            _file_path(document, ("notebooks", i), n, ".ipynb") for i, n in enumerate(notebooks)
+        ]
+    envs = data.get("environments")
+    if isinstance(envs, list):
+        data["environments"] = [
+            _imported_environment(document, i, env)
+            if isinstance(env, dict) and "environment_file" in env
+            else env
+            for i, env in enumerate(envs)
+        ]
+    tls = (data.get("jupyter") or {}).get("tls") if isinstance(data.get("jupyter"), dict) else None
+    if isinstance(tls, dict):
+        resolved = {
+            key: _file_path(document, ("jupyter", "tls", key), tls[key], "")
+            for key in ("certificate", "key")
+            if key in tls
+        }
+        data["jupyter"] = {**data["jupyter"], "tls": {**tls, **resolved}}
+    return data
+
+
 def load_profile(path: Path | str) -> LoadedProfile:
     """Read and validate a profile (and what it extends), raising ProfileError with one line
     on any problem."""
     chain = _load_chain(Path(path))
     data: dict = {}
     for document in reversed(chain):
-        data = _merge(data, document.data)
+        data = _merge(data, _absolute_paths(document))
     data.pop("extends", None)
     try:
         profile = Profile.model_validate(data)
@@ -455,5 +721,7 @@ def load_profile(path: Path | str) -> LoadedProfile:
         line = _line_of(source.root, loc)
         where = f"{source.path}:{line}" if line else str(source.path)
         raise ProfileError(f"{where}: {_field_path(loc)}: {detail}") from None
-    digest = hashlib.sha256(b"".join(d.raw for d in chain)).hexdigest()
-    return LoadedProfile(profile=profile, path=chain[0].path, sha256=digest)
+    digest = hashlib.sha256(b"".join(d.raw for d in chain))
+    for notebook in profile.notebooks:
+        digest.update(Path(notebook).read_bytes())
+    return LoadedProfile(profile=profile, path=chain[0].path, sha256=digest.hexdigest())

@@ -25,7 +25,6 @@ from factory.errors import FactoryError
 from factory.profile import Environment, LoadedProfile, package_name
 
 TARGET_PLATFORMS = ["linux-64", "noarch"]
-TARGET_GLIBC = "2.36"  # Debian 12
 PIP_PLATFORMS = ["manylinux2014_x86_64", "linux_x86_64"] + [
     f"manylinux_2_{minor}_x86_64" for minor in range(5, 37)
 ]
@@ -107,11 +106,11 @@ class EnvLock:
         )
 
 
-def _virtual_packages() -> list[GenericVirtualPackage]:
-    def virtual(name: str, version: str) -> GenericVirtualPackage:
-        return GenericVirtualPackage(PackageName(name), Version(version), BuildString("0"))
-
-    return [virtual("__glibc", TARGET_GLIBC), virtual("__unix", "0"), virtual("__linux", "6.1")]
+def _virtual_packages(loaded: LoadedProfile) -> list[GenericVirtualPackage]:
+    return [
+        GenericVirtualPackage(PackageName(name), Version(version), BuildString("0"))
+        for name, version in sorted(loaded.profile.target_virtual_packages().items())
+    ]
 
 
 def _conda_specs(env: Environment) -> list[str]:
@@ -158,7 +157,7 @@ def solve_conda(loaded: LoadedProfile, env: Environment) -> list[CondaPackage]:
             specs,
             gateway=gateway,
             platforms=TARGET_PLATFORMS,
-            virtual_packages=_virtual_packages(),
+            virtual_packages=_virtual_packages(loaded),
         )
 
     try:
@@ -240,7 +239,7 @@ def environment_inputs(loaded: LoadedProfile, env: Environment) -> str:
             "channels": [loaded.resolve_channel(c) for c in env.channels],
             "conda": _conda_specs(env),
             "pip": env.pip,
-            "glibc": TARGET_GLIBC,
+            "virtual_packages": loaded.profile.target_virtual_packages(),
         }
     )
 
@@ -288,11 +287,20 @@ def jupyter_environment(loaded: LoadedProfile) -> Environment:
     )
 
 
+def with_kernel(env: Environment) -> Environment:
+    """The environment plus ipykernel, so that Jupyter lists it as a kernel."""
+    named = {package_name(s) for s in [*env.conda, *env.pip]}
+    if "ipykernel" in named:
+        return env
+    return env.model_copy(update={"pip": [*env.pip, "ipykernel"]})
+
+
 def image_environments(loaded: LoadedProfile) -> list[Environment]:
-    """Every environment the image gets, the internal Jupyter one included."""
+    """Every environment the image gets, the internal Jupyter one included. With Jupyter on,
+    each environment also gets ipykernel."""
     envs = list(loaded.profile.environments)
     if loaded.profile.jupyter.enabled:
-        envs.append(jupyter_environment(loaded))
+        envs = [with_kernel(env) for env in envs] + [jupyter_environment(loaded)]
     return envs
 
 

@@ -6,18 +6,39 @@ set -euo pipefail
 . "$FACTORY_PAYLOAD/settings.sh"
 echo "factory-step: conda environments"
 
-installer=/opt/factory/installer
-rm -rf "$installer"
-install -d -m 755 "$installer"
+rattler_dir=/opt/factory/installer
+rm -rf "$rattler_dir"
+install -d -m 755 "$rattler_dir"
 for wheel in "$FACTORY_PAYLOAD"/installer/*.whl; do
-    python3 -m zipfile -e "$wheel" "$installer"
+    python3 -m zipfile -e "$wheel" "$rattler_dir"
 done
-install -d -m 755 /opt/conda/envs
-for env in $ENVIRONMENTS; do
-    echo "factory-step: conda environment $env"
-    PYTHONPATH="$installer" python3 "$FACTORY_PAYLOAD/install_env.py" \
-        "$FACTORY_PAYLOAD" "$env" "/opt/conda/envs/$env"
-done
+if [ "$INSTALLER" = rattler ]; then
+    install -d -m 755 /opt/conda/envs
+    for env in $ENVIRONMENTS; do
+        echo "factory-step: conda environment $env"
+        PYTHONPATH="$rattler_dir" python3 "$FACTORY_PAYLOAD/install_env.py" \
+            "$FACTORY_PAYLOAD" "$env" "/opt/conda/envs/$env"
+    done
+else
+    # Miniconda or Miniforge, checked against the profile's sha256 on the build host. The
+    # environments come from the same locks and the same shipped channel, offline.
+    echo "factory-step: $INSTALLER into /opt/conda"
+    rm -rf /opt/conda
+    bash "$FACTORY_PAYLOAD/conda-installer/installer.sh" -b -p /opt/conda
+    for env in $ENVIRONMENTS; do
+        echo "factory-step: conda environment $env"
+        /opt/conda/bin/conda create --yes --quiet --offline --prefix "/opt/conda/envs/$env" \
+            --file "$FACTORY_PAYLOAD/envs/$env/explicit.local.txt"
+        if grep -q -- '--hash' "$FACTORY_PAYLOAD/envs/$env/pip.txt"; then
+            "/opt/conda/envs/$env/bin/python" -m pip install --no-index --no-deps \
+                --require-hashes --disable-pip-version-check \
+                --find-links "$FACTORY_PAYLOAD/wheels" -r "$FACTORY_PAYLOAD/envs/$env/pip.txt"
+        fi
+    done
+    /opt/conda/bin/conda clean --all --yes --quiet
+    # `conda activate <env>` from a login shell.
+    ln -sf /opt/conda/etc/profile.d/conda.sh /etc/profile.d/conda.sh
+fi
 # The installer stays in the image: factory-env uses it to create environments offline.
 install -m 755 "$FACTORY_PAYLOAD/factory-env" /usr/local/bin/factory-env
 

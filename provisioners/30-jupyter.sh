@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage: Jupyter Lab as a systemd service of the unprivileged user `jupyter`, bound to 127.0.0.1.
+# Stage: Jupyter Lab as a systemd service of the unprivileged user `jupyter`, bound to 127.0.0.1,
+# with nginx in front serving HTTPS on 443 (and redirecting HTTP).
 set -euo pipefail
 # shellcheck source=/dev/null
 . "$FACTORY_PAYLOAD/settings.sh"
@@ -30,7 +31,9 @@ Group=jupyter
 WorkingDirectory=/srv/jupyter/notebooks
 # JUPYTER_TOKEN is generated on first boot; it is never baked into the image.
 EnvironmentFile=/etc/factory/jupyter.env
-ExecStart=/opt/conda/envs/jupyter/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=${JUPYTER_PORT}
+ExecStart=/opt/conda/envs/jupyter/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=${JUPYTER_PORT} \\
+    --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True \\
+    --ServerApp.authenticate_prometheus=False
 Restart=on-failure
 NoNewPrivileges=yes
 PrivateTmp=yes
@@ -40,3 +43,62 @@ ProtectSystem=full
 WantedBy=multi-user.target
 UNIT
 systemctl enable jupyter.service
+
+# nginx: HTTPS on 443 with the first-boot (or the client's) certificate, HTTP redirects.
+rm -f /etc/nginx/sites-enabled/default
+cat > /etc/nginx/sites-available/jupyter <<NGINX
+# Installed by factory.
+map \$http_upgrade \$connection_upgrade {
+    default upgrade;
+    ''      close;
+}
+server {
+    listen 80 default_server;
+    listen [::]:80 default_server;
+    return 301 https://\$host\$request_uri;
+}
+server {
+    listen 443 ssl default_server;
+    listen [::]:443 ssl default_server;
+    ssl_certificate /etc/factory/tls/jupyter.crt;
+    ssl_certificate_key /etc/factory/tls/jupyter.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    server_tokens off;
+    client_max_body_size 512m;
+    access_log /var/log/nginx/jupyter-access.log;
+    add_header Strict-Transport-Security "max-age=31536000" always;
+    # Jupyter's metrics are for the local Prometheus only.
+    location = /metrics { return 403; }
+    location / {
+        proxy_pass http://127.0.0.1:${JUPYTER_PORT};
+        proxy_http_version 1.1;
+        proxy_set_header Host \$host;
+        proxy_set_header X-Real-IP \$remote_addr;
+        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto \$scheme;
+        proxy_set_header Upgrade \$http_upgrade;
+        proxy_set_header Connection \$connection_upgrade;
+        proxy_read_timeout 86400s;
+        proxy_send_timeout 86400s;
+        proxy_buffering off;
+    }
+}
+NGINX
+ln -sf /etc/nginx/sites-available/jupyter /etc/nginx/sites-enabled/jupyter
+# Access logs are kept as long as the audit logs.
+sed -i -e "s/^\trotate .*/\trotate ${AUDIT_RETENTION_DAYS}/" -e "s/^\tweekly/\tdaily/" \
+    /etc/logrotate.d/nginx
+install -d -m 755 /etc/systemd/system/nginx.service.d
+cat > /etc/systemd/system/nginx.service.d/50-factory.conf <<'UNIT'
+# The certificate is made on first boot.
+[Unit]
+After=factory-firstboot.service
+Requires=factory-firstboot.service
+UNIT
+install -d -m 755 /etc/factory/tls
+if [ -s "$FACTORY_PAYLOAD/tls/jupyter.crt" ]; then
+    install -m 644 "$FACTORY_PAYLOAD/tls/jupyter.crt" /etc/factory/tls/jupyter.crt
+    install -m 600 "$FACTORY_PAYLOAD/tls/jupyter.key" /etc/factory/tls/jupyter.key
+    touch /etc/factory/tls/client-supplied
+fi
+systemctl enable nginx.service

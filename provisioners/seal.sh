@@ -5,9 +5,12 @@ set -uo pipefail
 # shellcheck source=/dev/null
 . /etc/factory/settings.sh
 echo "factory-step: seal"
-systemctl stop jupyter.service 2>/dev/null || true
+systemctl stop jupyter.service nginx.service 2>/dev/null || true
 
 rm -f /etc/factory/jupyter.env
+if [ ! -e /etc/factory/tls/client-supplied ]; then
+    rm -f /etc/factory/tls/jupyter.key /etc/factory/tls/jupyter.crt
+fi
 admin_home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
 rm -f "$admin_home/jupyter-token"
 rm -rf /srv/jupyter/.local/share/jupyter/runtime

@@ -84,3 +84,69 @@ def test_build_refuses_when_disk_is_too_small(tmp_path):
         assert [p.name for p in small.iterdir() if not p.name.startswith(".")] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def installer_profile(tmp_path: Path, conda: str) -> Path:
+    """The demo profile with another conda installer; notebooks and channel made absolute."""
+    text = DEMO_PROFILE.read_text()
+    text = text.replace(
+        "../outputs/channels/demo", str(DEMO_PROFILE.parent.parent / "outputs/channels/demo")
+    )
+    text = text.replace(
+        "notebooks/demo-credit-score.ipynb",
+        str(DEMO_PROFILE.parent / "notebooks/demo-credit-score.ipynb"),
+    )
+    path = tmp_path / "installer.yaml"
+    path.write_text(text + f"conda: {conda}\n")
+    return path
+
+
+@pytest.mark.parametrize("installer", ["miniconda", "miniforge"])
+def test_conda_installer_is_checked_before_anything_boots(installer, tmp_path, demo_channel):
+    """No conda installer can be downloaded here, so the build stops in pre-flight: a wrong
+    checksum and a missing file each give one line, and nothing is built or published."""
+    fake = tmp_path / "Miniforge3-Linux-x86_64.sh"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    outputs = tmp_path / "outputs"
+    pinned = "0" * 64
+    for url, message in (
+        (fake.as_uri(), f"conda.sha256: {fake.name} has sha256 "),
+        ((tmp_path / "missing.sh").as_uri(), "conda.url: cannot download"),
+    ):
+        profile = installer_profile(
+            tmp_path, f"{{installer: {installer}, url: '{url}', sha256: '{pinned}'}}"
+        )
+        started = time.monotonic()
+        result = run_factory("build", str(profile), "--outputs", str(outputs))
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+        assert time.monotonic() - started < 60
+        assert [p.name for p in outputs.iterdir() if not p.name.startswith(".")] == []
+        assert not list(outputs.glob(".staging-*"))
+
+
+def test_miniforge_renders_and_its_conda_path_is_in_the_payload(tmp_path, demo_channel):
+    from factory.bundle import local_explicit_text
+    from factory.profile import load_profile
+    from factory.resolve import lock_profile
+
+    profile = installer_profile(
+        tmp_path,
+        "{installer: miniforge, url: 'file:///srv/Miniforge3.sh', sha256: '" + "a" * 64 + "'}",
+    )
+    result = run_factory("render", str(profile), "--outputs", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    settings = (
+        tmp_path / "out" / "demo_hello_v1" / "build" / "payload" / "settings.sh"
+    ).read_text()
+    assert "INSTALLER=miniforge" in settings
+    lock = lock_profile(load_profile(profile), log=lambda _: None)["demo"]
+    text = local_explicit_text(lock, "/tmp/factory-payload/channel")
+    lines = [line for line in text.splitlines() if line.startswith("file://")]
+    assert len(lines) == len(lock.conda)
+    for line, package in zip(lines, lock.conda, strict=True):
+        assert line.endswith(f"/{package.file_name}#{package.md5}")
+        assert line.startswith("file:///tmp/factory-payload/channel/")

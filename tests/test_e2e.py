@@ -5,6 +5,7 @@ One build and one validation boot are shared by all the checks here (see conftes
 import fcntl
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from factory import export
+from factory.build import virtual_hardware
 from factory.cache import sha256_file
+from factory.profile import load_profile
 from tests.conftest import DEMO_PROFILE, REPO, require_root, run_factory
+from tests.image_edit import mounted_root, raw_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -206,6 +212,27 @@ def test_demo_validates(demo_validation, demo_delivery):
         "offline: a new environment is created from the baked channel",
         "offline: pip installs tabulate from the wheelhouse",
         "cloud-init: finished without errors",
+        "ssh: sshd denies root login",
+        "ssh: password login is refused",
+        "https: valid certificate chain for the machine's name",
+        "https: a request without the token is refused",
+        "https: the first-boot token opens Jupyter",
+        "https: websockets pass through nginx",
+        "https: plain HTTP redirects to HTTPS",
+        "jupyter: each environment is a kernel",
+        "notebooks: demo-credit-score.ipynb runs headless",
+        "firewall: inbound dropped except the profile's ports",
+        "firewall: only the listed ports listen",
+        "firewall: port 7777 (not listed) is unreachable from outside",
+        "services: run unprivileged",
+        "monitoring: node exporter metrics are scraped",
+        "audit: auditd is active with the login, sudo and token rules",
+        "audit: sudo is recorded",
+        "audit: logins are kept in the persistent journal",
+        "audit: logs are kept 2555 days",
+        "audit: Jupyter access is logged",
+        "updates: automatic security updates are off",
+        "hygiene: no private key, token or password from the build",
     ):
         assert expected in names, expected
     for report_file in ("report.xml", "report.html"):
@@ -213,31 +240,41 @@ def test_demo_validates(demo_validation, demo_delivery):
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):
-    """One boot, two broken promises: a profile that promises a package the image lacks, and a
-    lock that names a version the image does not hold. Exactly those two checks fail."""
+    """One boot, three broken promises: an image with root login switched back on, a profile
+    that promises a package the image lacks, and a lock that names a version the image does
+    not hold. Exactly the checks of those three fail."""
     assert demo_validation.returncode == 0
     copy = tmp_path / "demo_hello_v1"
-    subprocess.run(["cp", "-al", str(demo_delivery), str(copy)], check=True)
+    copy.mkdir()
+    for name in ("locks", "notebooks"):
+        shutil.copytree(demo_delivery / name, copy / name)
+    raw = raw_copy(demo_delivery / "demo_hello_v1.qcow2", tmp_path / "disk.raw")
+    with mounted_root(raw) as root:
+        config = root / "etc/ssh/sshd_config.d/50-factory.conf"
+        config.write_text(config.read_text().replace("PermitRootLogin no", "PermitRootLogin yes"))
+    export.export_ova(raw, virtual_hardware(load_profile(demo_delivery / "profile.yaml")), copy)
+    raw.unlink()
     lock_path = copy / "locks" / "demo.lock.json"
     lock = json.loads(lock_path.read_text())
-    lock_path.unlink()  # it is a hard link to the delivery's lock
     for package in lock["conda"]:
         if package["name"] == "six":
             package["version"] = "0.0.1"
     lock_path.write_text(json.dumps(lock))
-    promised = tmp_path / "demo-plus-requests.yaml"
-    promised.write_text(
-        DEMO_PROFILE.read_text().replace("pip: [tabulate]", "pip: [tabulate, requests]")
-    )
+    profile = yaml.safe_load((demo_delivery / "profile.yaml").read_text())
+    profile["environments"][0]["pip"].append("requests")
+    (copy / "profile.yaml").write_text(yaml.safe_dump(profile))
     report_dir = tmp_path / "reports"
-    result = run_factory(
-        "validate", str(copy), "--profile", str(promised), "--report-dir", str(report_dir)
-    )
+    result = run_factory("validate", str(copy), "--report-dir", str(report_dir))
     assert result.returncode == 1
     assert "demo: imports requests" in result.stderr
     report = json.loads((report_dir / "report.json").read_text())
     failed = sorted(c["name"] for c in report["checks"] if c["status"] == "failed")
-    assert failed == ["demo: imports requests", "demo: matches its lock"]
+    assert failed == [
+        "demo: imports requests",
+        "demo: matches its lock",
+        "ssh: root login with an authorised key is refused",
+        "ssh: sshd denies root login",
+    ], failed
     detail = next(c["detail"] for c in report["checks"] if c["name"] == "demo: matches its lock")
     assert "six 1.17.0 (lock 0.0.1)" in detail
 

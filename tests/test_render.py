@@ -1,6 +1,7 @@
 """Render: the real templates, parsed back with python-hcl2, checked by `packer validate`
 and shellcheck; profile strings survive each target language unchanged."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from factory.escape import cloud_config, hcl_string, shell_assignments
 from factory.keys import ephemeral_keypair
 from factory.profile import load_profile
 from factory.render import PROVISIONERS_DIR, BuildInputs, render_build_dir
-from tests.conftest import DEMO_PROFILE, run_factory
+from tests.conftest import DEMO_PROFILE, REPO, run_factory
 
 HCL_OPTIONS = SerializationOptions(strip_string_quotes=True)
 
@@ -60,8 +61,11 @@ def test_demo_renders_and_packer_validates(tmp_path):
     ]
     assert scripts == [
         "provisioners/10-system.sh",
+        "provisioners/12-security.sh",
+        "provisioners/14-monitoring.sh",
         "provisioners/20-conda-envs.sh",
         "provisioners/30-jupyter.sh",
+        "provisioners/50-client-files.sh",
     ]
     variables = parse_hcl((build / "image.pkrvars.hcl").read_text())
     assert variables["vm_name"] == "demo_hello_v1.qcow2"
@@ -126,3 +130,65 @@ def test_cloud_config_round_trips(value):
     text = cloud_config({"value": value})
     assert text.startswith("#cloud-config\n")
     assert yaml.safe_load(text)["value"] == value
+
+
+INDUSTRY_PROFILES = {
+    "bank_credit_risk_v2": {
+        "OFFLINE": "1",
+        "OPEN_PORTS": "'22 80 443 9100'",
+        "UNATTENDED_UPGRADES": "0",
+        "AUDIT_RETENTION_DAYS": "2555",
+    },
+    "hospital_lung_nodule_v1": {
+        "OFFLINE": "1",
+        "OPEN_PORTS": "'22 80 443'",
+        "UNATTENDED_UPGRADES": "0",
+        "AUDIT_RETENTION_DAYS": "3650",
+    },
+    "factory_predictive_maintenance_v1": {
+        "OFFLINE": "0",
+        "OPEN_PORTS": "'22 80 443 9100'",
+        "UNATTENDED_UPGRADES": "1",
+        "AUDIT_RETENTION_DAYS": "180",
+    },
+}
+
+
+@pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
+@pytest.mark.parametrize("name", sorted(INDUSTRY_PROFILES))
+def test_industry_profile_renders_and_packer_validates(name, tmp_path):
+    """`factory render` (python-hcl2 parse-back and `packer validate`) on each example."""
+    result = run_factory("render", f"profiles/{name}.yaml", "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    build = tmp_path / name / "build"
+    settings = dict(
+        line.split("=", 1)
+        for line in (build / "payload" / "settings.sh").read_text().splitlines()
+        if "=" in line
+    )
+    for key, value in INDUSTRY_PROFILES[name].items():
+        assert settings[key] == value, key
+    notebooks = list((build / "payload" / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) == 1
+    kernel = json.loads(notebooks[0].read_text())["metadata"]["kernelspec"]["name"]
+    assert kernel == load_profile(REPO / "profiles" / f"{name}.yaml").profile.environments[0].name
+
+
+def test_industry_profiles_share_presets_not_copies():
+    """The examples inherit security, monitoring and notebooks from presets."""
+    for name in INDUSTRY_PROFILES:
+        text = (REPO / "profiles" / f"{name}.yaml").read_text()
+        assert text.count("extends:") == 1
+        for key in ("security:", "monitoring:", "notebooks:", "offline:"):
+            assert key not in text, (name, key)
+
+
+def test_prometheus_config_scrapes_node_and_jupyter(tmp_path):
+    from factory.render import prometheus_config
+
+    loaded = load_profile(REPO / "profiles" / "factory_predictive_maintenance_v1.yaml")
+    config = yaml.safe_load(prometheus_config(loaded))
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
+    }
+    assert targets == {"node": ["127.0.0.1:9100"], "jupyter": ["127.0.0.1:8888"]}

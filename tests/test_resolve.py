@@ -1,6 +1,7 @@
 """Locking against the real local channel with rattler, and pip's resolver for the target."""
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -97,3 +98,72 @@ def test_lock_json_round_trips(tmp_path, test_channel):
     lock = lock_profile(loaded, log=lambda _: None)["model"]
     data = json.loads((lock_dir_for(loaded) / "model.lock.json").read_text())
     assert data["inputs"] == lock.inputs_hash
+
+
+def test_bundle_is_an_indexed_channel_and_wheelhouse_with_checksums(tmp_path, test_channel):
+    """`factory bundle`: every locked conda package in an indexed channel, every locked
+    wheel in the wheelhouse, and SHA256SUMS that sha256sum accepts."""
+    profile = profile_with(tmp_path, test_channel, "[six]", "[tabulate]")
+    outputs = tmp_path / "outputs"
+    result = run_factory("bundle", str(profile), "--outputs", str(outputs))
+    assert result.returncode == 0, result.stderr
+    bundle = outputs / "bundles" / "acme_locks_v1"
+    lock = json.loads((lock_dir_for(load_profile(profile)) / "model.lock.json").read_text())
+    indexed = {}
+    for subdir in ("linux-64", "noarch"):
+        repodata = json.loads((bundle / "channel" / subdir / "repodata.json").read_text())
+        indexed |= repodata.get("packages", {}) | repodata.get("packages.conda", {})
+    assert {p["file_name"] for p in lock["conda"]} <= set(indexed)
+    wheels = {w.name.split("-")[0].lower() for w in (bundle / "wheels").glob("*.whl")}
+    assert {p["name"] for p in lock["pip"]} <= wheels
+    check = subprocess.run(
+        ["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=bundle, capture_output=True
+    )
+    assert check.returncode == 0, check.stdout
+    assert [p.name for p in (outputs / "bundles").iterdir()] == ["acme_locks_v1"]
+
+
+def test_first_environment_defaults_to_the_delivery_name(tmp_path, test_channel):
+    path = profile_with(tmp_path, test_channel, "[six]")
+    path.write_text(path.read_text().replace("  - name: model\n    python", "  - python"))
+    loaded = load_profile(path)
+    assert loaded.profile.environments[0].name == "acme_locks_v1"
+
+
+def test_virtual_packages_come_from_the_base_and_the_profile(tmp_path, test_channel):
+    """__glibc follows the base OS; a profile's __cuda reaches the solver and the lock's
+    inputs, so changing it solves again."""
+    path = profile_with(tmp_path, test_channel, "[six]")
+    loaded = load_profile(path)
+    assert loaded.profile.target_virtual_packages()["__glibc"] == "2.36"
+    first = lock_profile(loaded, log=lambda _: None)["model"].inputs_hash
+    path.write_text(path.read_text() + 'virtual_packages: {__cuda: "12.2"}\n')
+    loaded = load_profile(path)
+    assert loaded.profile.target_virtual_packages()["__cuda"] == "12.2"
+    assert lock_profile(loaded, log=lambda _: None)["model"].inputs_hash != first
+
+
+def test_environment_yml_is_imported_and_locked(tmp_path, test_channel):
+    """An exported environment.yml (conda deps plus a pip list) becomes a profile environment
+    and solves against its own channels; the profile's keys win."""
+    (tmp_path / "environment.yml").write_text(f"""\
+name: scoring
+channels: ["{test_channel}"]
+dependencies:
+  - python=3.11
+  - six
+  - pip
+  - pip:
+      - tabulate
+""")
+    path = profile_with(tmp_path, test_channel, "[]")
+    text = path.read_text().split("environments:")[0]
+    path.write_text(text + "environments:\n  - environment_file: environment.yml\n")
+    loaded = load_profile(path)
+    env = loaded.profile.environments[0]
+    assert (env.name, env.python, env.pip) == ("scoring", "3.11", ["tabulate"])
+    lock = lock_profile(loaded, log=lambda _: None)["scoring"]
+    assert {"python", "six", "pip"} <= {p.name for p in lock.conda}
+    assert [p.name for p in lock.pip] == ["tabulate"]
+    path.write_text(path.read_text() + "    name: renamed\n")
+    assert load_profile(path).profile.environments[0].name == "renamed"

@@ -55,6 +55,7 @@ def validate_delivery(
     loaded = load_profile(profile_path or delivery / "profile.yaml")
     ova = _find_ova(delivery)
     accel = host.choose_accelerator(accelerator)
+    probe_port = unlisted_port(loaded)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="factory-ova-") as scratch:
@@ -67,6 +68,7 @@ def validate_delivery(
             min(resources.cpus, 2),
             accel,
             restrict_network=loaded.profile.offline,
+            forward_ports=[*loaded.profile.open_ports(), probe_port],
             log=log,
         ) as vm:
             log(f"host keys read from the console after {vm.boot_seconds:.0f} s; logging in")
@@ -90,6 +92,8 @@ def validate_delivery(
                     loaded=loaded,
                     throwaway_vm=True,
                     locks=_delivery_locks(delivery),
+                    address=lambda port: ("127.0.0.1", vm.forwards[port]),
+                    unlisted_port=probe_port,
                     root_login_probe=lambda: _root_login_probe(target, vm),
                     password_login_probe=lambda: try_login(
                         "127.0.0.1",
@@ -112,6 +116,11 @@ def validate_delivery(
     reports = write_reports(results, report_dir or delivery, subject)
     _write_exports(ctx.extra.get("exports", {}), report_dir or delivery)
     return ValidationOutcome(results, reports, boot_seconds)
+
+
+def unlisted_port(loaded: LoadedProfile) -> int:
+    """A port the profile does not open, to prove the firewall drops it."""
+    return next(p for p in range(7777, 8000) if p not in loaded.profile.open_ports())
 
 
 def _delivery_locks(delivery: Path) -> list[dict]:
@@ -161,7 +170,12 @@ def validate_host(
     log(f"connecting to {address}")
     target = connect(hostname, int(port or 22), user, key_file, None, time.monotonic() + 60)
     try:
-        ctx = CheckContext(target=target, loaded=loaded, throwaway_vm=False)
+        ctx = CheckContext(
+            target=target,
+            loaded=loaded,
+            throwaway_vm=False,
+            address=lambda guest_port: (hostname, guest_port),
+        )
         results = run_all_checks(ctx)
     finally:
         target.close()

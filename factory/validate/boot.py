@@ -35,6 +35,7 @@ class BootedVM:
     key: KeyPair
     console_log: Path
     boot_seconds: float
+    forwards: dict[int, int]  # guest TCP port -> host port on 127.0.0.1
 
 
 def extract_ova_disk(ova: Path, dest: Path) -> Path:
@@ -90,6 +91,7 @@ def boot_delivery(
     cpus: int,
     accelerator: str,
     restrict_network: bool = False,
+    forward_ports: list[int] | None = None,
     timeout: float = 900,
     log=print,
 ) -> Iterator[BootedVM]:
@@ -116,9 +118,13 @@ def boot_delivery(
                 check=True,
             )
             seed = _seed_iso(work, key)
-            port = _free_port()
+            forwards = {guest: _free_port() for guest in {22, *(forward_ports or [])}}
+            port = forwards[22]
             console = work / "console.log"
-            netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"
+            netdev = "user,id=net0," + ",".join(
+                f"hostfwd=tcp:127.0.0.1:{host_port}-:{guest}"
+                for guest, host_port in sorted(forwards.items())
+            )
             if restrict_network:
                 netdev += ",restrict=on"
             command = ["qemu-system-x86_64", *host.qemu_accel_args(accelerator)]
@@ -133,7 +139,7 @@ def boot_delivery(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
             )
             keys = _wait_for_host_keys(process, console, started + timeout)
-            yield BootedVM(port, keys, key, console, time.monotonic() - started)
+            yield BootedVM(port, keys, key, console, time.monotonic() - started, forwards)
     finally:
         if process is not None:
             _stop(process)

@@ -32,6 +32,10 @@ class CheckContext:
     root_login_probe: Callable[[], str] | None = None
     password_login_probe: Callable[[], str] | None = None
     locks: list[dict] = field(default_factory=list)
+    # Where the validator reaches a guest TCP port (forwarded for a VM, direct for a host).
+    address: Callable[[int], tuple[str, int]] | None = None
+    # A port no profile opens, forwarded to a throwaway VM to prove the firewall drops it.
+    unlisted_port: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -204,6 +208,59 @@ def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
             group,
         )
     )
+    return results
+
+
+NOTEBOOK_RUNNER = r"""
+import sys, nbclient, nbformat
+notebook = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(notebook, timeout=1200, kernel_name=sys.argv[2]).execute()
+print(f"{len(notebook.cells)} cells ran")
+"""
+SAMPLES_DIR = "/srv/jupyter/notebooks/samples"
+
+
+def check_kernels_and_samples(ctx: CheckContext) -> list[CheckResult]:
+    """Every environment is a Jupyter kernel; every sample notebook runs headless."""
+    profile = ctx.loaded.profile
+    if not profile.jupyter.enabled:
+        return []
+    group = "notebooks"
+    listed = ctx.target.run("/opt/conda/envs/jupyter/bin/jupyter kernelspec list --json")
+    try:
+        kernels = set(json.loads(listed.stdout)["kernelspecs"])
+    except (json.JSONDecodeError, KeyError):
+        kernels = set()
+    wanted = {env.name for env in profile.environments}
+    results = [
+        _result(
+            "jupyter: each environment is a kernel",
+            wanted <= kernels,
+            f"kernels {sorted(kernels)}; environments {sorted(wanted)}",
+            group,
+        )
+    ]
+    kernel = profile.environments[0].name
+    for notebook in profile.notebooks:
+        name = notebook.rsplit("/", 1)[-1]
+        run = ctx.target.run(
+            "sudo -u jupyter -H sh -c "
+            + _quote(
+                f'work=$(mktemp -d) && cd "$work" && cp {SAMPLES_DIR}/{_quote(name)} . && '
+                f"/opt/conda/envs/jupyter/bin/python -c {_quote(NOTEBOOK_RUNNER)} "
+                f'{_quote(name)} {_quote(kernel)}; status=$?; rm -rf "$work"; exit $status'
+            ),
+            timeout=1800,
+        )
+        error = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        results.append(
+            _result(
+                f"notebooks: {name} runs headless",
+                run.ok,
+                run.stdout.strip() or error[:300],
+                group,
+            )
+        )
     return results
 
 
@@ -402,10 +459,20 @@ def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
         lambda env=env: check_environment(ctx, env) for env in image_environments(ctx.loaded)
     ]
     suites += [lambda lock=lock: check_matches_lock(ctx, lock) for lock in ctx.locks]
+    from factory.validate import hardening
+
     suites += [
         lambda: check_jupyter(ctx),
+        lambda: hardening.check_https(ctx),
+        lambda: check_kernels_and_samples(ctx),
         lambda: check_ssh_hardening(ctx),
+        lambda: hardening.check_firewall(ctx),
+        lambda: hardening.check_services_unprivileged(ctx),
+        lambda: hardening.check_monitoring(ctx),
+        lambda: hardening.check_audit(ctx),
+        lambda: hardening.check_updates(ctx),
         lambda: check_build_credentials_removed(ctx),
+        lambda: hardening.check_image_hygiene(ctx),
         lambda: check_offline(ctx),
     ]
     for suite in suites:

@@ -1,0 +1,112 @@
+"""What the client's IT receives beside the image: how to reach Jupyter and read its token,
+what the firewall opens, where the audit trail is, and a Grafana dashboard for the node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from factory.profile import LoadedProfile
+
+# Every selector is filtered by the dashboard's $instance variable.
+ON = 'instance=~"$instance"'
+DASHBOARD_PANELS = [
+    ("CPU busy (%)", f'100 * (1 - avg(rate(node_cpu_seconds_total{{mode="idle",{ON}}}[5m])))'),
+    (
+        "Memory used (%)",
+        f"100 * (1 - node_memory_MemAvailable_bytes{{{ON}}} / node_memory_MemTotal_bytes{{{ON}}})",
+    ),
+    (
+        "Root disk used (%)",
+        f'100 * (1 - node_filesystem_avail_bytes{{mountpoint="/",{ON}}} '
+        f'/ node_filesystem_size_bytes{{mountpoint="/",{ON}}})',
+    ),
+    ("Network in (bytes/s)", f'rate(node_network_receive_bytes_total{{device!="lo",{ON}}}[5m])'),
+    ("Failed systemd units", f'sum(node_systemd_unit_state{{state="failed",{ON}}})'),
+]
+
+
+def credentials_text(loaded: LoadedProfile) -> str:
+    """How IT reads the first-boot secrets; none of them exists before the image boots."""
+    profile = loaded.profile
+    admin = profile.admin.user
+    lines = [
+        f"# {loaded.name}: access and credentials",
+        "",
+        "No password, token or private key is baked into this image. On its first boot the",
+        "machine makes its own SSH host keys, Jupyter token and (unless the profile supplied",
+        "the client's certificate) a self-signed TLS certificate.",
+        "",
+        f"- SSH: `ssh {admin}@HOST` with a key listed in the profile (passwords and root login",
+        "  are refused).",
+    ]
+    if profile.jupyter.enabled:
+        lines += [
+            f"- Jupyter token: `ssh {admin}@HOST cat jupyter-token` (the file is readable by "
+            f"{admin} only;",
+            "  the service reads /etc/factory/jupyter.env, readable by root only).",
+            "- Jupyter: open `https://HOST/` and paste the token. Plain HTTP redirects to HTTPS.",
+            "- TLS certificate fingerprint, to compare with what the browser shows:",
+            f"  `ssh {admin}@HOST openssl x509 -in /etc/factory/tls/jupyter.crt -noout "
+            "-fingerprint -sha256`",
+        ]
+    ports = ", ".join(map(str, profile.open_ports()))
+    firewall = "open inbound TCP ports" if profile.security.firewall else "firewall off; ports"
+    lines += [
+        f"- {firewall}: {ports}.",
+        f"- Audit trail ({profile.security.audit_retention_days} days): "
+        "`sudo ausearch -k factory-sudo`, `-k factory-login`, `-k factory-jupyter-token`;",
+        "  the persistent journal (`journalctl`); Jupyter access in "
+        "/var/log/nginx/jupyter-access.log.",
+        "- Monitoring: the Prometheus node exporter answers on "
+        + ("port 9100." if profile.monitoring.enabled else "127.0.0.1:9100 (not exposed)."),
+        "  grafana-dashboard.json in this folder charts it.",
+        "- Automatic security updates: "
+        + ("on." if profile.security.unattended_upgrades else "off (your IT patches)."),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def grafana_dashboard(loaded: LoadedProfile) -> dict:
+    """A Grafana dashboard over the node exporter's metrics, filtered by instance."""
+    panels = []
+    for index, (title, expr) in enumerate(DASHBOARD_PANELS):
+        panels.append(
+            {
+                "id": index + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
+                "targets": [{"expr": expr, "refId": "A"}],
+            }
+        )
+    return {
+        "title": f"{loaded.name} node",
+        "uid": f"factory-{loaded.name}"[:40],
+        "schemaVersion": 39,
+        "tags": ["factory", loaded.profile.industry],
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {
+                    "name": "instance",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": "label_values(node_uname_info, instance)",
+                    "includeAll": True,
+                },
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def write_handover(loaded: LoadedProfile, delivery: Path) -> list[Path]:
+    """HANDOVER.md and grafana-dashboard.json in the delivery folder."""
+    text = delivery / "HANDOVER.md"
+    text.write_text(credentials_text(loaded))
+    dashboard = delivery / "grafana-dashboard.json"
+    dashboard.write_text(json.dumps(grafana_dashboard(loaded), indent=2) + "\n")
+    return [text, dashboard]

@@ -1,0 +1,455 @@
+"""Checks of what an IT department accepts: TLS in front of Jupyter, the firewall, the audit
+trail, updates, unprivileged services, monitoring and an image free of build secrets."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+
+from factory.validate.checks import FAILED, SKIPPED, CheckContext, CheckResult, _quote, _result
+
+FIRST_BOOT_SECRETS = [
+    "/etc/ssh/ssh_host_ed25519_key",
+    "/etc/ssh/ssh_host_rsa_key",
+    "/etc/factory/jupyter.env",
+    "/etc/factory/tls/jupyter.key",
+]
+TLS_CERT = "/etc/factory/tls/jupyter.crt"
+SCANNED_DIRS = "/etc /root /home /srv /var /tmp /opt/factory /usr/local"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: str
+    peer_cert: bytes | None = None
+
+
+def http_request(
+    address: tuple[str, int],
+    path: str,
+    headers: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+    timeout: float = 30,
+) -> Answer:
+    """One HTTP/1.1 request over a raw socket (TLS optional); the answer's head and up to
+    64 KiB of its body."""
+    sock = socket.create_connection(address, timeout=timeout)
+    peer_cert = None
+    try:
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=server_name)
+            peer_cert = sock.getpeercert(binary_form=True)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {server_name or address[0]}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if "Upgrade" not in (headers or {}):
+            lines.append("Connection: close")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while len(data) < 65536:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data and data.startswith(b"HTTP/1.1 101"):
+                break
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode(errors="replace").split("\r\n")
+    match = re.match(r"HTTP/\d\.\d (\d{3})", status_line)
+    if not match:
+        raise ConnectionError(f"no HTTP answer (got {status_line[:80]!r})")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return Answer(int(match.group(1)), parsed, body.decode(errors="replace"), peer_cert)
+
+
+def _tls_context(cert_pem: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=cert_pem)
+    context.check_hostname = True
+    return context
+
+
+def check_https(ctx: CheckContext) -> list[CheckResult]:
+    """nginx answers with the machine's certificate, wants the token, redirects HTTP and
+    passes websockets through."""
+    group = "https"
+    if not ctx.loaded.profile.jupyter.enabled or ctx.address is None:
+        reason = "jupyter.enabled is false" if ctx.address else "ports not reachable"
+        return [CheckResult("https: nginx in front of Jupyter", SKIPPED, reason, group=group)]
+    cert_pem = ctx.target.run(f"cat {TLS_CERT}").stdout
+    name = ctx.target.run("hostname").stdout.strip()
+    token = ctx.target.run("sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env")
+    token_value = token.stdout.strip()
+    results = []
+    try:
+        context = _tls_context(cert_pem)
+        answer = http_request(
+            ctx.address(443), "/api/status", tls=context, server_name=name, timeout=60
+        )
+        served = ssl.DER_cert_to_PEM_cert(answer.peer_cert or b"").strip()
+        same = served.split() == cert_pem.strip().split()
+        results.append(
+            _result(
+                "https: valid certificate chain for the machine's name",
+                same,
+                f"TLS to {name} verified against {TLS_CERT}"
+                + ("" if same else "; but nginx served another certificate"),
+                group,
+            )
+        )
+        results.append(
+            _result(
+                "https: a request without the token is refused",
+                answer.status in (401, 403),
+                f"GET /api/status without token -> HTTP {answer.status}",
+                group,
+            )
+        )
+        authorised = http_request(
+            ctx.address(443),
+            "/api/status",
+            {"Authorization": f"token {token_value}"},
+            tls=context,
+            server_name=name,
+        )
+        results.append(
+            _result(
+                "https: the first-boot token opens Jupyter",
+                authorised.status == 200 and bool(token_value),
+                f"GET /api/status with token -> HTTP {authorised.status}",
+                group,
+            )
+        )
+        upgrade = http_request(
+            ctx.address(443),
+            "/api/events/subscribe",
+            {
+                "Authorization": f"token {token_value}",
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "ZmFjdG9yeS12YWxpZGF0ZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+            tls=context,
+            server_name=name,
+        )
+        results.append(
+            _result(
+                "https: websockets pass through nginx",
+                upgrade.status == 101,
+                f"websocket upgrade -> HTTP {upgrade.status}",
+                group,
+            )
+        )
+    except (OSError, ssl.SSLError, ConnectionError, ValueError) as error:
+        results.append(
+            CheckResult(
+                "https: valid certificate chain for the machine's name",
+                FAILED,
+                f"{type(error).__name__}: {error}",
+                group=group,
+            )
+        )
+    try:
+        plain = http_request(ctx.address(80), "/lab", server_name=name)
+        location = plain.headers.get("location", "")
+        ok = plain.status in (301, 308) and location.startswith(f"https://{name}/")
+        detail = f"GET http://{name}/lab -> HTTP {plain.status} {location}"
+    except (OSError, ConnectionError) as error:
+        ok, detail = False, f"port 80: {error}"
+    results.append(_result("https: plain HTTP redirects to HTTPS", ok, detail, group))
+    return results
+
+
+def _accepted_tcp_ports(ruleset: dict) -> tuple[str | None, set[int]]:
+    """The input chain's policy and the TCP ports its rules accept, from `nft -j`."""
+    policy, ports = None, set()
+    for item in ruleset.get("nftables", []):
+        chain = item.get("chain")
+        if chain and chain.get("hook") == "input":
+            policy = chain.get("policy")
+        rule = item.get("rule")
+        if not rule or not any("accept" in e for e in rule.get("expr", [])):
+            continue
+        for expr in rule["expr"]:
+            match = expr.get("match", {})
+            left = match.get("left", {}).get("payload", {})
+            if left.get("protocol") == "tcp" and left.get("field") == "dport":
+                right = match.get("right")
+                values = right.get("set", []) if isinstance(right, dict) else [right]
+                ports |= {v for v in values if isinstance(v, int)}
+    return policy, ports
+
+
+def check_firewall(ctx: CheckContext) -> list[CheckResult]:
+    group = "firewall"
+    profile = ctx.loaded.profile
+    wanted = set(profile.open_ports())
+    results = []
+    if profile.security.firewall:
+        listed = ctx.target.run("sudo nft -j list ruleset")
+        try:
+            policy, accepted = _accepted_tcp_ports(json.loads(listed.stdout or "{}"))
+        except json.JSONDecodeError:
+            policy, accepted = None, set()
+        results.append(
+            _result(
+                "firewall: inbound dropped except the profile's ports",
+                policy == "drop" and accepted == wanted,
+                f"input policy {policy}; accepts TCP {sorted(accepted)}; profile {sorted(wanted)}",
+                group,
+            )
+        )
+    listening = set()
+    for line in ctx.target.run("ss -Htln").stdout.splitlines():
+        local = line.split()[3]
+        address, _, port = local.rpartition(":")
+        if not re.match(r"^(127\.|\[::1\]|\[::ffff:127\.)", address):
+            listening.add(int(port))
+    expected = {22} | ({80, 443} if profile.jupyter.enabled else set())
+    expected |= {9100} if profile.monitoring.enabled else set()
+    unexpected, missing = listening - wanted, expected - listening
+    results.append(
+        _result(
+            "firewall: only the listed ports listen",
+            not unexpected and not missing,
+            f"listening beyond loopback: {sorted(listening)}"
+            + (f"; not in the profile: {sorted(unexpected)}" if unexpected else "")
+            + (f"; not listening: {sorted(missing)}" if missing else ""),
+            group,
+        )
+    )
+    if ctx.throwaway_vm and ctx.address and ctx.unlisted_port and profile.security.firewall:
+        results.append(_unlisted_port_blocked(ctx, ctx.unlisted_port))
+    return results
+
+
+def _unlisted_port_blocked(ctx: CheckContext, port: int) -> CheckResult:
+    """Open a listener on a port the profile does not name; inside it answers, from outside
+    the firewall must drop it."""
+    name = f"firewall: port {port} (not listed) is unreachable from outside"
+    ctx.target.run(
+        f"sudo systemd-run --unit factory-probe-{port} --uid nobody "
+        f"python3 -m http.server --bind 0.0.0.0 --directory /tmp {port}"
+    )
+    try:
+        inside = ""
+        for _ in range(20):
+            inside = ctx.target.run(
+                f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/"
+            ).stdout
+            if inside == "200":
+                break
+            ctx.target.run("sleep 1")
+        if inside != "200":
+            return CheckResult(name, FAILED, "the probe listener did not start", group="firewall")
+        try:
+            answer = http_request(ctx.address(port), "/", timeout=8)
+            return CheckResult(
+                name, FAILED, f"answered HTTP {answer.status} from outside", group="firewall"
+            )
+        except (OSError, ConnectionError) as error:
+            return _result(
+                name, True, f"inside: HTTP 200; outside: {type(error).__name__}", "firewall"
+            )
+    finally:
+        ctx.target.run(f"sudo systemctl stop factory-probe-{port}")
+
+
+def check_monitoring(ctx: CheckContext) -> list[CheckResult]:
+    group = "monitoring"
+    profile = ctx.loaded.profile
+    try:
+        if profile.monitoring.enabled and ctx.address is not None:
+            where = "from outside on port 9100"
+            body = http_request(ctx.address(9100), "/metrics").body
+        else:
+            where = "on 127.0.0.1:9100"
+            body = ctx.target.run("curl -s -m 20 http://127.0.0.1:9100/metrics").stdout
+    except (OSError, ConnectionError) as error:
+        where, body = f"failed: {error}", ""
+    series = len(re.findall(r"^node_", body, re.M))
+    results = [
+        _result(
+            "monitoring: node exporter metrics are scraped",
+            "node_cpu_seconds_total" in body,
+            f"{series} node_* samples {where}",
+            group,
+        )
+    ]
+    if profile.monitoring.prometheus:
+        targets = ctx.target.run("curl -s -m 20 http://127.0.0.1:9090/api/v1/targets").stdout
+        health = re.findall(r'"health":"(\w+)"', targets)
+        results.append(
+            _result(
+                "monitoring: Prometheus scrapes its targets",
+                bool(health) and all(h == "up" for h in health),
+                f"target health: {health or 'no answer'}",
+                group,
+            )
+        )
+    return results
+
+
+def check_audit(ctx: CheckContext) -> list[CheckResult]:
+    group = "audit"
+    days = ctx.loaded.profile.security.audit_retention_days
+    active = ctx.target.run("systemctl is-active auditd").stdout.strip()
+    rules = ctx.target.run("sudo auditctl -l").stdout
+    keys = sorted(set(re.findall(r"-k (factory-[\w-]+)", rules)))
+    results = [
+        _result(
+            "audit: auditd is active with the login, sudo and token rules",
+            active == "active"
+            and {"factory-login", "factory-sudo", "factory-jupyter-token"} <= set(keys),
+            f"auditd {active}; rule keys {keys}",
+            group,
+        )
+    ]
+    sudo_events = ctx.target.run("sudo ausearch -k factory-sudo --format text").stdout
+    results.append(
+        _result(
+            "audit: sudo is recorded",
+            "sudo" in sudo_events,
+            f"{len(sudo_events.splitlines())} sudo event(s) in the audit log",
+            group,
+        )
+    )
+    journal = ctx.target.run(
+        "sudo journalctl -b --no-pager -o cat _COMM=sshd | grep -c 'Accepted publickey'"
+    ).stdout.strip()
+    stored = ctx.target.run("sudo find /var/log/journal -name 'system*.journal' | head -1").stdout
+    results.append(
+        _result(
+            "audit: logins are kept in the persistent journal",
+            bool(stored.strip()) and journal not in ("", "0"),
+            f"{journal or 0} key logins this boot; journal file {stored.strip() or 'missing'}",
+            group,
+        )
+    )
+    config = ctx.target.run(
+        "systemd-analyze cat-config systemd/journald.conf; cat /etc/logrotate.d/nginx"
+    ).stdout
+    retention = re.findall(r"^MaxRetentionSec=(\S+)", config, re.M)
+    rotate = re.findall(r"^\s*rotate (\d+)", config, re.M)
+    results.append(
+        _result(
+            f"audit: logs are kept {days} days",
+            retention[-1:] == [f"{days}day"]
+            and (not ctx.loaded.profile.jupyter.enabled or rotate == [str(days)]),
+            f"journald MaxRetentionSec {retention[-1:] or 'unset'}; nginx rotate {rotate}",
+            group,
+        )
+    )
+    if ctx.loaded.profile.jupyter.enabled:
+        access = ctx.target.run(
+            "sudo grep -c 'GET /api/' /var/log/nginx/jupyter-access.log"
+        ).stdout.strip()
+        results.append(
+            _result(
+                "audit: Jupyter access is logged",
+                access not in ("", "0"),
+                f"{access or 0} API request(s) in /var/log/nginx/jupyter-access.log",
+                group,
+            )
+        )
+    return results
+
+
+def check_updates(ctx: CheckContext) -> list[CheckResult]:
+    wanted = ctx.loaded.profile.security.unattended_upgrades
+    value = ctx.target.run("apt-config dump APT::Periodic::Unattended-Upgrade").stdout
+    enabled = ctx.target.run("systemctl is-enabled apt-daily-upgrade.timer").stdout.strip()
+    on = '"1"' in value and enabled == "enabled"
+    off = '"1"' not in value and enabled != "enabled"
+    return [
+        _result(
+            f"updates: automatic security updates are {'on' if wanted else 'off'}",
+            on if wanted else off,
+            f"{value.strip() or 'Unattended-Upgrade unset'}; apt-daily-upgrade.timer {enabled}",
+            "updates",
+        )
+    ]
+
+
+def check_services_unprivileged(ctx: CheckContext) -> list[CheckResult]:
+    """Long-running services the image adds run as their own users."""
+    units = ["prometheus-node-exporter"]
+    if ctx.loaded.profile.jupyter.enabled:
+        units.append("jupyter")
+    owners = {}
+    for unit in units:
+        owners[unit] = ctx.target.run(
+            f"ps -o user= -p $(systemctl show -p MainPID --value {unit}.service)"
+        ).stdout.strip()
+    if ctx.loaded.profile.jupyter.enabled:
+        workers = ctx.target.run("ps -C nginx -o user=,args= | grep 'worker process'").stdout
+        owners["nginx workers"] = ",".join(sorted({w.split()[0] for w in workers.splitlines()}))
+    bad = [unit for unit, user in owners.items() if user in ("", "root")]
+    return [
+        _result(
+            "services: run unprivileged",
+            not bad,
+            "; ".join(f"{unit} as {user or 'not running'}" for unit, user in owners.items()),
+            "services",
+        )
+    ]
+
+
+def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
+    """No private key, token or password from the build: secrets exist only where first boot
+    makes them, and (on a fresh boot) were made by this boot."""
+    group = "hygiene"
+    problems = []
+    found = ctx.target.run(
+        f"sudo grep -rlI --exclude-dir=proc -e 'PRIVATE KEY-----' {SCANNED_DIRS} 2>/dev/null"
+    ).stdout.split()
+    allowed = {"/etc/factory/tls/jupyter.key"} | {
+        p for p in found if re.match(r"^/etc/ssh/ssh_host_\w+_key$", p)
+    }
+    problems += [f"private key in {path}" for path in found if path not in allowed]
+    tokens = ctx.target.run(
+        f"sudo grep -rlI -e 'JUPYTER_TOKEN=' {SCANNED_DIRS} 2>/dev/null"
+    ).stdout.split()
+    problems += [f"token in {path}" for path in tokens if path != "/etc/factory/jupyter.env"]
+    passwords = ctx.target.run("sudo awk -F: '$2 !~ /^[!*]/ {print $1}' /etc/shadow").stdout.split()
+    problems += [f"user {user} has a password" for user in passwords]
+    if ctx.throwaway_vm:
+        supplied = ctx.target.run("test -e /etc/factory/tls/client-supplied").ok
+        jupyter = ctx.loaded.profile.jupyter.enabled
+        paths = [
+            p
+            for p in FIRST_BOOT_SECRETS
+            if (jupyter or "/factory/" not in p) and not (supplied and "/tls/" in p)
+        ]
+        stamps = ctx.target.run(
+            "awk '/^btime/ {print $2}' /proc/stat; "
+            f"sudo stat -c '%n %W %Y' {' '.join(map(_quote, paths))}"
+        ).stdout.split("\n")
+        boot = int(stamps[0] or 0)
+        for line in filter(None, stamps[1:]):
+            path, born, modified = line.split()
+            made = int(born) if born not in ("0", "-") else int(modified)
+            if made < boot:
+                problems.append(f"{path} predates this boot")
+        missing = len(paths) - len([s for s in stamps[1:] if s])
+        if missing:
+            problems.append(f"{missing} first-boot secret(s) missing")
+    return [
+        _result(
+            "hygiene: no private key, token or password from the build",
+            not problems,
+            "; ".join(problems)
+            or f"keys only in first-boot files; no token elsewhere; no passwords ({SCANNED_DIRS})",
+            group,
+        )
+    ]

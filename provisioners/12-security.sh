@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Stage: system hardening. Firewall, audit, persistent journal, automatic updates.
+set -euo pipefail
+# shellcheck source=/dev/null
+. "$FACTORY_PAYLOAD/settings.sh"
+echo "factory-step: security"
+
+# nftables: drop every inbound port the profile does not name.
+if [ "$FIREWALL" = 1 ]; then
+    ports=$(echo "$OPEN_PORTS" | tr ' ' ',')
+    cat > /etc/nftables.conf <<NFT
+#!/usr/sbin/nft -f
+# Installed by factory: inbound traffic is dropped unless it goes to a port the profile names.
+flush ruleset
+table inet factory {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        ct state invalid drop
+        iif "lo" accept
+        meta l4proto { 1, 58 } accept comment "ICMP and ICMPv6"
+        udp dport { 68, 546 } accept comment "DHCP replies"
+        tcp dport { $ports } accept comment "ports the profile opens"
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+    }
+}
+NFT
+    nft -c -f /etc/nftables.conf
+    systemctl enable nftables.service
+else
+    systemctl disable nftables.service 2>/dev/null || true
+fi
+
+# auditd: logins, sudo, changes to accounts and sshd, and reads of the Jupyter token.
+cat > /etc/audit/rules.d/50-factory.rules <<'RULES'
+## Installed by factory: what a compliance review asks for.
+-w /var/log/wtmp -p wa -k factory-login
+-w /var/log/btmp -p wa -k factory-login
+-w /var/log/lastlog -p wa -k factory-login
+-w /usr/bin/sudo -p x -k factory-sudo
+-w /etc/sudoers -p wa -k factory-privileges
+-w /etc/sudoers.d/ -p wa -k factory-privileges
+-w /etc/passwd -p wa -k factory-accounts
+-w /etc/shadow -p wa -k factory-accounts
+-w /etc/group -p wa -k factory-accounts
+-w /etc/ssh/sshd_config -p wa -k factory-sshd
+-w /etc/ssh/sshd_config.d/ -p wa -k factory-sshd
+-w /etc/factory/jupyter.env -p r -k factory-jupyter-token
+RULES
+# Audit logs rotate at 50 MB; enough files are kept for the retention the profile asks for.
+num_logs=$(( AUDIT_RETENTION_DAYS < 99 ? AUDIT_RETENTION_DAYS + 1 : 99 ))
+sed -i -e "s/^max_log_file_action = .*/max_log_file_action = ROTATE/" \
+    -e "s/^num_logs = .*/num_logs = $num_logs/" \
+    -e "s/^max_log_file = .*/max_log_file = 50/" /etc/audit/auditd.conf
+systemctl enable auditd.service
+
+# journald: persistent, kept for the retention period.
+install -d -m 755 /etc/systemd/journald.conf.d
+cat > /etc/systemd/journald.conf.d/50-factory.conf <<CONF
+# Installed by factory: logins, sudo and service logs survive reboots for the review period.
+[Journal]
+Storage=persistent
+MaxRetentionSec=${AUDIT_RETENTION_DAYS}day
+CONF
+install -d -m 2755 -g systemd-journal /var/log/journal
+
+# Automatic security updates: on or off as the profile says (always off when air-gapped).
+if [ "$UNATTENDED_UPGRADES" = 1 ]; then
+    value=1
+else
+    value=0
+fi
+cat > /etc/apt/apt.conf.d/20auto-upgrades <<CONF
+// Installed by factory: automatic security updates are $([ "$value" = 1 ] && echo on || echo off).
+APT::Periodic::Update-Package-Lists "$value";
+APT::Periodic::Unattended-Upgrade "$value";
+CONF
+if [ "$value" = 1 ]; then
+    systemctl enable apt-daily.timer apt-daily-upgrade.timer
+else
+    systemctl disable apt-daily.timer apt-daily-upgrade.timer 2>/dev/null || true
+fi
