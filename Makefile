@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := packer qemu-system-x86 qemu-utils mmdebstrap genisoimage cloud-image-utils \
 	fdisk e2fsprogs shellcheck python3-venv python3-dev gcc make curl ca-certificates \
+	vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients dnsmasq-base ruby \
 	$(shell cat tests/channel/apt-packages.txt 2>/dev/null)
 DEMO := outputs/demo_hello_v1
 
-.PHONY: demo test setup apt venv channel lint clean
+.PHONY: demo test test-gpu setup apt venv channel lint clean
 
 ## demo: set up the host, then take profiles/demo.yaml to a validated OVA in outputs/
 demo: setup channel
@@ -20,6 +21,10 @@ demo: setup channel
 test: setup
 	$(VENV)/bin/ruff check factory tests benchmarks
 	$(VENV)/bin/pytest -ra
+
+## test-gpu: build and validate the GPU demo (driver 535 by DKMS; about 40 min under TCG)
+test-gpu: setup channel
+	$(VENV)/bin/pytest -ra -m gpu_build tests/test_gpu.py
 
 setup: apt venv
 

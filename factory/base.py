@@ -100,8 +100,11 @@ def debian_base_image(
     mirror: str | None = None,
     log: Callable[[str], None] = print,
     rebuild: bool = False,
+    extra_packages: tuple[str, ...] = (),
 ) -> Path:
-    """Return the cached qcow2 for a locally built Debian base, building it if absent."""
+    """Return the cached qcow2 for a locally built Debian base, building it if absent.
+    `extra_packages` make a separate layer (e.g. the GPU driver, built by DKMS for the
+    image's kernel while the base is made)."""
     if release not in DEBIAN_RELEASES:
         known = ", ".join(sorted(DEBIAN_RELEASES))
         raise FactoryError(f"base.release: unknown release {release!r}; use one of: {known}")
@@ -117,7 +120,7 @@ def debian_base_image(
         "suite": suite,
         "mirror": mirror,
         "components": COMPONENTS,
-        "packages": sorted(DEBIAN_PACKAGES),
+        "packages": sorted({*DEBIAN_PACKAGES, *extra_packages}),
         "disk_size_gib": DISK_SIZE_GIB,
         "kernel_cmdline": KERNEL_CMDLINE,
         "recipe": _recipe_fingerprint(),
@@ -147,7 +150,7 @@ def debian_base_image(
                 log(f"{release}: building base image (full log: {logfile})")
                 with open(logfile, "w", encoding="utf-8") as logf:
                     runner = _Runner(logf, logfile, log)
-                    built = _build(workdir, suite, mirror, runner)
+                    built = _build(workdir, suite, mirror, runner, inputs["packages"])
                     seconds = round(time.monotonic() - started, 1)
                     log(f"{release}: checksumming the image")
                     meta = {
@@ -351,7 +354,7 @@ class _Runner:
 # The build recipe. Its functions' syntax trees (not formatting or comments) key the cache.
 
 
-def _build(workdir: Path, suite: str, mirror: str, run: _Runner) -> Path:
+def _build(workdir: Path, suite: str, mirror: str, run: _Runner, packages: list[str]) -> Path:
     rootfs = workdir / "rootfs.tar"
     raw = workdir / "disk.raw"
     mnt = workdir / "mnt"
@@ -363,7 +366,7 @@ def _build(workdir: Path, suite: str, mirror: str, run: _Runner) -> Path:
         "--variant=minbase",
         "--mode=root",
         f"--components={COMPONENTS}",
-        "--include=" + ",".join(DEBIAN_PACKAGES),
+        "--include=" + ",".join(packages),
         suite,
         str(rootfs),
         mirror,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from factory import base, export, host
+from factory import base, export, gpu, host
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
@@ -80,11 +80,23 @@ def check_free_disk(outputs: Path, loaded: LoadedProfile) -> None:
         )
 
 
+def gpu_base_packages(loaded: LoadedProfile) -> tuple[str, ...]:
+    """A Debian GPU profile's driver goes into its own base layer: DKMS builds the module
+    for the image's kernel there, at the host's speed, before any kernel change."""
+    target = loaded.profile.gpu
+    if target is None or loaded.profile.base != "debian-12":
+        return ()
+    toolkit = ("nvidia-cuda-toolkit",) if target.toolkit else ()
+    return (*gpu.DEBIAN_GPU_PACKAGES, *toolkit)
+
+
 def base_image_for(loaded: LoadedProfile, progress: Progress) -> Path:
     progress.set_stage("base image")
     spec = loaded.profile.base
     if isinstance(spec, str):
-        return base.debian_base_image(spec, log=progress.log)
+        return base.debian_base_image(
+            spec, log=progress.log, extra_packages=gpu_base_packages(loaded)
+        )
     return base.cloud_base_image(spec.url, spec.sha256, log=progress.log)
 
 
@@ -299,6 +311,7 @@ def write_delivered_profile(loaded: LoadedProfile, delivery: Path) -> Path:
     data["notebooks"] = notebooks
     for env in data["environments"]:
         env["channels"] = [loaded.resolve_channel(c) for c in env["channels"]]
+        env.pop("environment_file")  # already merged in
     header = (
         f"# The effective profile of {loaded.name}: {loaded.path.name} with everything it "
         "extends merged in.\n# factory validate reads it; the TLS key of a client-supplied "

@@ -176,6 +176,28 @@ class Jupyter(Strict):
     _pip_specs = field_validator("packages")(classmethod(lambda cls, v: _check_package_specs(v)))
 
 
+class GPU(Strict):
+    vendor: Literal["nvidia"] = Field("nvidia", description="GPU vendor; only NVIDIA for now.")
+    driver: str = Field("535", pattern=r"^\d{3}$", description="NVIDIA driver branch, e.g. '535'.")
+    cuda: str = Field(pattern=r"^\d+\.\d+$", description="CUDA release, e.g. '12.2'.")
+    toolkit: bool = Field(False, description="Also install the CUDA toolkit (nvcc).")
+    frameworks: dict[Literal["pytorch", "tensorflow"], str] = Field(
+        default_factory=dict,
+        description="Framework releases whose CUDA builds must match, e.g. {pytorch: '2.3'}.",
+    )
+
+    @model_validator(mode="after")
+    def _versions_fit(self) -> GPU:
+        from factory import gpu
+
+        problem = gpu.driver_problem(self.driver, self.cuda)
+        for framework, version in self.frameworks.items():
+            problem = problem or gpu.framework_problem(framework, version, self.cuda)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
 class Security(Strict):
     firewall: bool = Field(True, description="nftables: drop every inbound port not listed.")
     open_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
@@ -275,6 +297,7 @@ class Profile(Strict):
     conda: Conda = Field(default_factory=Conda)
     environments: Annotated[list[Environment], Field(min_length=1)]
     jupyter: Jupyter = Field(default_factory=Jupyter)
+    gpu: GPU | None = Field(None, description="NVIDIA driver, CUDA and framework builds.")
     security: Security = Field(default_factory=Security)
     monitoring: Monitoring = Field(default_factory=Monitoring)
     notebooks: list[str] = Field(
@@ -386,6 +409,26 @@ class Profile(Strict):
         return self
 
     @model_validator(mode="after")
+    def _gpu_fits_the_base(self) -> Profile:
+        from factory import gpu
+
+        debian = self.base == "debian-12" or getattr(self.base, "os", "") == "debian"
+        if self.gpu is None or not debian:
+            return self
+        if self.gpu.driver != gpu.DEBIAN_12_DRIVER:
+            raise ValueError(
+                f"gpu.driver: Debian 12's non-free archive has driver {gpu.DEBIAN_12_DRIVER}, "
+                f"not {self.gpu.driver}; set gpu.driver: '{gpu.DEBIAN_12_DRIVER}' or use an "
+                "Ubuntu cloud image"
+            )
+        if self.gpu.toolkit and gpu.minor(self.gpu.cuda) != gpu.DEBIAN_12_TOOLKIT:
+            raise ValueError(
+                f"gpu.toolkit: Debian 12 ships the CUDA toolkit {gpu.DEBIAN_12_TOOLKIT}; set "
+                f"gpu.cuda: '{gpu.DEBIAN_12_TOOLKIT}' or gpu.toolkit: false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _miniforge_stays_on_conda_forge(self) -> Profile:
         if self.conda.installer != "miniforge":
             return self
@@ -413,7 +456,10 @@ class Profile(Strict):
         the profile's own settings."""
         os_name = "debian" if isinstance(self.base, str) else self.base.os
         glibc = {"debian": "2.36", "ubuntu": "2.35"}[os_name]
-        return {"__glibc": glibc, "__linux": "6.1", "__unix": "0", **self.virtual_packages}
+        derived = {"__glibc": glibc, "__linux": "6.1", "__unix": "0"}
+        if self.gpu is not None:
+            derived["__cuda"] = self.gpu.cuda
+        return {**derived, **self.virtual_packages}
 
     def open_ports(self) -> list[int]:
         """The TCP ports the firewall opens: SSH, Jupyter's HTTPS (and its redirect),
@@ -715,7 +761,7 @@ def load_profile(path: Path | str) -> LoadedProfile:
         loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
         detail = _describe(error, _fields_at(loc))
         named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", detail)
-        if not loc and named:
+        if named and [str(p) for p in loc] == named.group(1).split(".")[: len(loc)]:
             loc, detail = tuple(named.group(1).split(".")), named.group(2)
         source = next((d for d in chain if _walk(d.root, loc)[1]), chain[0])
         line = _line_of(source.root, loc)

@@ -32,6 +32,7 @@ STAGE_SCRIPTS = [
     "10-system.sh",
     "12-security.sh",
     "14-monitoring.sh",
+    "15-gpu.sh",
     "20-conda-envs.sh",
     "30-jupyter.sh",
     "50-client-files.sh",
@@ -63,6 +64,8 @@ def stage_scripts(loaded: LoadedProfile) -> list[str]:
     scripts = list(STAGE_SCRIPTS)
     if not loaded.profile.jupyter.enabled:
         scripts = [name for name in scripts if name not in JUPYTER_STAGES]
+    if loaded.profile.gpu is None:
+        scripts.remove("15-gpu.sh")
     return scripts
 
 
@@ -147,6 +150,9 @@ def render_settings(loaded: LoadedProfile) -> str:
             "AUDIT_RETENTION_DAYS": profile.security.audit_retention_days,
             "MONITORING_ENABLED": int(profile.monitoring.enabled),
             "PROMETHEUS": int(profile.monitoring.prometheus),
+            "GPU_DRIVER": profile.gpu.driver if profile.gpu else "",
+            "GPU_CUDA": profile.gpu.cuda if profile.gpu else "",
+            "GPU_TOOLKIT": int(bool(profile.gpu and profile.gpu.toolkit)),
         }
     )
 

@@ -20,6 +20,7 @@ import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
 from rattler.exceptions import SolverError
 
+from factory import gpu
 from factory.cache import cache_dir, inputs_key
 from factory.errors import FactoryError
 from factory.profile import Environment, LoadedProfile, package_name
@@ -310,7 +311,27 @@ def lock_profile(loaded: LoadedProfile, force: bool = False, log=print) -> dict[
     for env in image_environments(loaded):
         log(f"locking environment '{env.name}'")
         locks[env.name] = lock_environment(loaded, env, force=force)
+    check_cuda_builds(loaded, locks)
     return locks
+
+
+def check_cuda_builds(loaded: LoadedProfile, locks: dict[str, EnvLock]) -> None:
+    """With a GPU section, every locked framework wheel must be built for the profile's CUDA
+    (read from the nvidia-cuda-runtime wheel pip's resolver picked)."""
+    target = loaded.profile.gpu
+    if target is None:
+        return
+    for lock in locks.values():
+        pip = [(p.name, p.version) for p in lock.pip]
+        built_for = gpu.locked_cuda_runtime(pip)
+        if built_for and built_for != gpu.minor(target.cuda):
+            frameworks = [f"{n} {v}" for n, v in pip if n in ("torch", "tensorflow", "jax")]
+            raise FactoryError(
+                f"environment '{lock.name}': the locked {', '.join(frameworks) or 'wheels'} "
+                f"{'is' if len(frameworks) == 1 else 'are'} built for CUDA {built_for}, but "
+                f"gpu.cuda is {target.cuda}; pin a release built for {target.cuda} or set "
+                f"gpu.cuda: '{built_for}'"
+            )
 
 
 def _write_atomic(path: Path, text: str) -> None:

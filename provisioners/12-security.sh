@@ -33,6 +33,15 @@ else
     systemctl disable nftables.service 2>/dev/null || true
 fi
 
+# Name resolution answers nobody on the network (no LLMNR or mDNS listeners).
+install -d -m 755 /etc/systemd/resolved.conf.d
+cat > /etc/systemd/resolved.conf.d/50-factory.conf <<'CONF'
+# Installed by factory: no multicast name service listening on the network.
+[Resolve]
+LLMNR=no
+MulticastDNS=no
+CONF
+
 # auditd: logins, sudo, changes to accounts and sshd, and reads of the Jupyter token.
 cat > /etc/audit/rules.d/50-factory.rules <<'RULES'
 ## Installed by factory: what a compliance review asks for.

@@ -91,9 +91,18 @@ def test_delivery_holds_every_artifact(demo_delivery):
         "profile.yaml",
         "locks",
         "build",
+        "notebooks",
+        "HANDOVER.md",
+        "grafana-dashboard.json",
     }
     assert expected <= names, names
     assert not list(demo_delivery.parent.glob(".staging-*"))
+    assert not (demo_delivery / "build" / "payload" / "tls").exists()
+    delivered = yaml.safe_load((demo_delivery / "profile.yaml").read_text())
+    assert "extends" not in delivered and delivered["security"]["audit_retention_days"] == 2555
+    assert "cat jupyter-token" in (demo_delivery / "HANDOVER.md").read_text()
+    dashboard = json.loads((demo_delivery / "grafana-dashboard.json").read_text())
+    assert all("node_" in panel["targets"][0]["expr"] for panel in dashboard["panels"])
 
 
 def test_checksums_and_manifest(demo_delivery):

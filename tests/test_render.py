@@ -32,8 +32,8 @@ def hcl_template_literal(value: str) -> str:
     return value.replace("$${", "${").replace("%%{", "%{")
 
 
-def render_demo(tmp_path: Path, packer_version=(1, 6, 6)) -> Path:
-    loaded = load_profile(DEMO_PROFILE)
+def render_demo(tmp_path: Path, profile: Path = DEMO_PROFILE, packer_version=(1, 6, 6)) -> Path:
+    loaded = load_profile(profile)
     with ephemeral_keypair("test") as key:
         inputs = BuildInputs(
             base_image=str(tmp_path / "base.qcow2"),
@@ -192,3 +192,86 @@ def test_prometheus_config_scrapes_node_and_jupyter(tmp_path):
         job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
     }
     assert targets == {"node": ["127.0.0.1:9100"], "jupyter": ["127.0.0.1:8888"]}
+
+
+@pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
+@pytest.mark.parametrize("base", ["debian-12", "ubuntu"])
+def test_gpu_profiles_render_with_the_driver_stage(base, tmp_path):
+    """The GPU stage is rendered for Debian (driver in the base layer, checked per kernel)
+    and for an Ubuntu cloud image (precompiled modules or DKMS), and packer validates both."""
+    from factory.build import gpu_base_packages
+
+    path = tmp_path / "gpu.yaml"
+    text = f"extends: {REPO / 'profiles' / 'demo-gpu.yaml'}\n"
+    if base == "ubuntu":
+        text += (
+            "base: {url: 'https://cloud-images.ubuntu.com/jammy/current/"
+            "jammy-server-cloudimg-amd64.img', sha256: '" + "c" * 64 + "', os: ubuntu}\n"
+            "gpu: {driver: '550', cuda: '12.4'}\n"
+        )
+    path.write_text(text)
+    result = run_factory("render", str(path), "--outputs", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    build = tmp_path / "out" / "demo_hello_gpu_v1" / "build"
+    assert (build / "provisioners" / "15-gpu.sh").is_file()
+    settings = (build / "payload" / "settings.sh").read_text()
+    loaded = load_profile(path)
+    assert f"GPU_DRIVER={loaded.profile.gpu.driver}" in settings
+    assert loaded.profile.target_virtual_packages()["__cuda"] == loaded.profile.gpu.cuda
+    expected = ("linux-headers-amd64", "nvidia-kernel-dkms", "nvidia-smi")
+    assert gpu_base_packages(loaded) == (expected if base == "debian-12" else ())
+
+
+def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_path):
+    """A profile may supply the client's own certificate: it goes into the payload (key mode
+    0600), the delivered profile does not name it, and the delivery's copy of the build folder
+    leaves the tls folder out."""
+    from factory.build import UNDELIVERED_PAYLOAD_DIRS, write_delivered_profile
+
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=jupyter.client.example",
+            "-keyout",
+            str(tmp_path / "client.key"),
+            "-out",
+            str(tmp_path / "client.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        f"extends: {DEMO_PROFILE}\njupyter: {{tls: {{certificate: client.crt, key: client.key}}}}\n"
+    )
+    build = render_demo(tmp_path, path)
+    key = build / "payload" / "tls" / "jupyter.key"
+    assert key.read_bytes() == (tmp_path / "client.key").read_bytes()
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert "tls" in UNDELIVERED_PAYLOAD_DIRS
+    delivery = tmp_path / "delivery"
+    delivery.mkdir()
+    written = write_delivered_profile(load_profile(path), delivery)
+    assert "client.key" not in written.read_text()
+    assert (delivery / "notebooks" / "demo-credit-score.ipynb").is_file()
+    assert load_profile(written).profile.jupyter.tls is None
+
+
+def test_credentials_tell_it_how_to_read_first_boot_secrets():
+    result = run_factory("credentials", "profiles/bank_credit_risk_v2.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "ssh riskadmin@HOST cat jupyter-token" in result.stdout
+    assert "open inbound TCP ports: 22, 80, 443, 9100." in result.stdout
+    assert "Audit trail (2555 days)" in result.stdout
+    bad = run_factory("credentials", "profiles/missing.yaml")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ")

@@ -167,3 +167,20 @@ dependencies:
     assert [p.name for p in lock.pip] == ["tabulate"]
     path.write_text(path.read_text() + "    name: renamed\n")
     assert load_profile(path).profile.environments[0].name == "renamed"
+
+
+def test_lock_refuses_a_framework_built_for_another_cuda(tmp_path, test_channel):
+    """pip's resolver picks PyPI's torch 2.5.1, a CUDA 12.4 build: a profile that targets
+    CUDA 12.1 is refused at lock time, before any VM boots; torch 2.3.1 (CUDA 12.1) locks."""
+    path = profile_with(tmp_path, test_channel, "[]", "[torch==2.5.1]")
+    path.write_text(path.read_text() + 'gpu: {cuda: "12.1", frameworks: {pytorch: "2.5"}}\n')
+    result = run_factory("lock", str(path))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "the locked torch 2.5.1 is built for CUDA 12.4, but gpu.cuda is 12.1" in errors[0]
+    path.write_text(
+        path.read_text().replace("torch==2.5.1", "torch==2.3.1").replace('"2.5"', '"2.3"')
+    )
+    result = run_factory("lock", str(path))
+    assert result.returncode == 0, result.stderr

@@ -459,7 +459,7 @@ def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
         lambda env=env: check_environment(ctx, env) for env in image_environments(ctx.loaded)
     ]
     suites += [lambda lock=lock: check_matches_lock(ctx, lock) for lock in ctx.locks]
-    from factory.validate import hardening
+    from factory.validate import gpu, hardening
 
     suites += [
         lambda: check_jupyter(ctx),
@@ -474,6 +474,8 @@ def run_all_checks(ctx: CheckContext) -> list[CheckResult]:
         lambda: check_build_credentials_removed(ctx),
         lambda: hardening.check_image_hygiene(ctx),
         lambda: check_offline(ctx),
+        lambda: gpu.check_gpu_level1(ctx),
+        lambda: gpu.check_gpu_level2(ctx),
     ]
     for suite in suites:
         started = time.monotonic()

@@ -19,6 +19,8 @@ FIRST_BOOT_SECRETS = [
 ]
 TLS_CERT = "/etc/factory/tls/jupyter.crt"
 SCANNED_DIRS = "/etc /root /home /srv /var /tmp /opt/factory /usr/local"
+# Where the running Jupyter server keeps its own connection files (mode 0600, its user).
+JUPYTER_RUNTIME = "/srv/jupyter/.local/share/jupyter/runtime/"
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,7 @@ def check_audit(ctx: CheckContext) -> list[CheckResult]:
             group,
         )
     ]
-    sudo_events = ctx.target.run("sudo ausearch -k factory-sudo --format text").stdout
+    sudo_events = ctx.target.run("sudo ausearch --input-logs -k factory-sudo --format text").stdout
     results.append(
         _result(
             "audit: sudo is recorded",
@@ -417,10 +419,22 @@ def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
         p for p in found if re.match(r"^/etc/ssh/ssh_host_\w+_key$", p)
     }
     problems += [f"private key in {path}" for path in found if path not in allowed]
+    token = ctx.target.run(
+        "sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env 2>/dev/null"
+    ).stdout.strip()
+    # The token travels on stdin, never on a command line (auditd records sudo's argv).
     tokens = ctx.target.run(
-        f"sudo grep -rlI -e 'JUPYTER_TOKEN=' {SCANNED_DIRS} 2>/dev/null"
+        f"sudo grep -rlIE -e 'JUPYTER_TOKEN=[0-9a-f]{{16,}}' {SCANNED_DIRS} 2>/dev/null; "
+        f"sudo grep -rlIF -f /dev/stdin {SCANNED_DIRS} 2>/dev/null",
+        stdin=token + "\n" if token else "JUPYTER_TOKEN=no-token-to-search\n",
     ).stdout.split()
-    problems += [f"token in {path}" for path in tokens if path != "/etc/factory/jupyter.env"]
+    admin_home = ctx.target.run(f"getent passwd {ctx.loaded.profile.admin.user}").stdout
+    token_files = {"/etc/factory/jupyter.env", admin_home.split(":")[5] + "/jupyter-token"}
+    problems += [
+        f"token in {path}"
+        for path in sorted(set(tokens) - token_files)
+        if not path.startswith(JUPYTER_RUNTIME)
+    ]
     passwords = ctx.target.run("sudo awk -F: '$2 !~ /^[!*]/ {print $1}' /etc/shadow").stdout.split()
     problems += [f"user {user} has a password" for user in passwords]
     if ctx.throwaway_vm:

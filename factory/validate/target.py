@@ -38,7 +38,7 @@ class SSHTarget:
         channel_in, channel_out, channel_err = self.client.exec_command(command, timeout=timeout)
         if stdin is not None:
             channel_in.write(stdin)
-            channel_in.channel.shutdown_write()
+        channel_in.channel.shutdown_write()  # commands that read stdin get EOF, never a hang
         out = channel_out.read().decode(errors="replace")
         err = channel_err.read().decode(errors="replace")
         return CommandResult(channel_out.channel.recv_exit_status(), out, err)

@@ -1,0 +1,68 @@
+"""The GPU path on a machine without a GPU: the Debian GPU base layer, whose DKMS module must be
+built for the image's own kernel, and (in `make test-gpu`) the GPU image built and validated
+with level 1 passing and level 2 reported as skipped."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from factory import base
+from factory.build import gpu_base_packages
+from factory.profile import load_profile
+from tests.conftest import REPO, require_root, run_factory
+from tests.image_edit import mounted_root, raw_copy
+
+GPU_PROFILE = REPO / "profiles" / "demo-gpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def gpu_base():
+    require_root()
+    packages = gpu_base_packages(load_profile(GPU_PROFILE))
+    return base.debian_base_image(
+        log=lambda line: print(line, file=sys.stderr), extra_packages=packages
+    )
+
+
+@pytest.mark.e2e
+def test_gpu_base_layer_has_the_module_for_its_own_kernel(gpu_base, tmp_path):
+    """DKMS built nvidia-current for the kernel in the image's /boot (not the host's)."""
+    raw = raw_copy(gpu_base, tmp_path / "gpu-base.raw")
+    with mounted_root(raw) as root:
+        kernels = [p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*")]
+        assert kernels
+        for kernel in kernels:
+            # The image's own modinfo, on the image's own module tree.
+            vermagic = subprocess.run(
+                ["chroot", str(root), "modinfo", "-k", kernel, "-F", "vermagic", "nvidia-current"],
+                capture_output=True,
+                text=True,
+            )
+            assert vermagic.returncode == 0, f"no nvidia-current module for {kernel}"
+            assert vermagic.stdout.split()[0] == kernel
+        assert (root / "usr/bin/nvidia-smi").exists()
+        status = (root / "var/lib/dpkg/status").read_text()
+        assert re.search(r"Package: nvidia-kernel-dkms\nStatus: install ok installed", status)
+    raw.unlink()
+
+
+@pytest.mark.gpu_build
+def test_gpu_image_builds_and_validates_level1_and_skips_level2(tmp_path):
+    result = run_factory("build", str(GPU_PROFILE), "--outputs", str(tmp_path), timeout=7200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    delivery = tmp_path / "demo_hello_gpu_v1"
+    result = run_factory("validate", str(delivery), timeout=3600)
+    print(result.stdout, file=sys.stderr)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    checks = {c["name"]: c for c in json.loads((delivery / "report.json").read_text())["checks"]}
+    for name in (
+        "gpu: driver 535 is installed",
+        "gpu: kernel module built for the booted kernel",
+        "gpu: nvidia-smi is present",
+    ):
+        assert checks[name]["status"] == "passed", checks[name]
+    level2 = checks["gpu: nvidia-smi lists the device"]
+    assert level2["status"] == "skipped" and level2["detail"] == "skipped: no GPU on this machine"
