@@ -43,7 +43,7 @@ class BuildOptions:
     outputs: Path
     accelerator: str = "auto"
     force: bool = False
-    ova_digest: str = "sha256"
+    ova_digest: str = export.DEFAULT_OVA_DIGEST
 
 
 def delivery_dir(outputs: Path, loaded: LoadedProfile) -> Path:

@@ -31,6 +31,32 @@ outputs_option = click.option(
 )
 
 
+EXPORT_FORMATS = ("ova", "vagrant-libvirt", "vagrant-virtualbox")
+ova_digest_option = click.option(
+    "--ova-digest",
+    type=click.Choice(["sha1", "sha256"]),
+    default="sha1",
+    show_default=True,
+    help="OVA flavour: sha1 = OVF 1.0 with a SHA1 manifest (every importer reads it); "
+    "sha256 = OVF 2.0 with a SHA256 manifest (not read by Proxmox or older vSphere).",
+)
+box_url_option = click.option(
+    "--box-url",
+    help="URL the box folder will be published at, written into the box catalog "
+    "(default: the folder's file:// URL).",
+)
+
+
+def format_option(default: str):
+    return click.option(
+        "--format",
+        "formats",
+        default=default,
+        show_default=True,
+        help="Comma-separated artifacts: " + ", ".join(EXPORT_FORMATS) + ".",
+    )
+
+
 class Terminated(BaseException):
     """SIGTERM, handled like Ctrl-C so every stage cleans up."""
 
@@ -124,6 +150,37 @@ def lock(profile: Path, force: bool) -> None:
 @cli.command()
 @click.argument("profile", type=click.Path(path_type=Path))
 @outputs_option
+def bundle(profile: Path, outputs: Path) -> None:
+    """Lock, then download every locked package into outputs/bundles/<name>: an indexed
+    private conda channel, a pip wheelhouse and SHA256SUMS, for air-gapped builds."""
+    import shutil
+    import tempfile
+
+    from factory.bundle import build_payload
+    from factory.profile import load_profile
+    from factory.progress import plain_log
+    from factory.resolve import lock_profile
+
+    loaded = load_profile(profile)
+    started = time.monotonic()
+    locks = lock_profile(loaded, log=plain_log)
+    target = outputs / "bundles" / loaded.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".bundle-{loaded.name}-", dir=target.parent))
+    try:
+        build_payload(locks, scratch / "bundle", log=plain_log)
+        if target.exists():
+            shutil.rmtree(target)
+        (scratch / "bundle").rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    files = sum(1 for p in target.rglob("*") if p.is_file())
+    click.echo(f"bundle in {target}: {files} files ({time.monotonic() - started:.0f} s)")
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@outputs_option
 def render(profile: Path, outputs: Path) -> None:
     """Render the Packer build folder to outputs/<name>/build and validate it."""
     import shutil
@@ -179,44 +236,70 @@ def _packer_version() -> tuple[int, int, int]:
     help="QEMU accelerator; auto uses KVM only where it really boots a guest.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing delivery of this version.")
-@click.option(
-    "--ova-digest",
-    type=click.Choice(["sha256", "sha1"]),
-    default="sha256",
-    show_default=True,
-    help="Manifest digest inside the OVA.",
-)
-def build(profile: Path, outputs: Path, accelerator: str, force: bool, ova_digest: str) -> None:
+@ova_digest_option
+@format_option("ova")
+@box_url_option
+def build(
+    profile: Path,
+    outputs: Path,
+    accelerator: str,
+    force: bool,
+    ova_digest: str,
+    formats: str,
+    box_url: str | None,
+) -> None:
     """Pre-flight, lock, render, packer build and export one profile."""
+    from factory.boxes import BOX_FORMATS, check_box_url, export_delivery_boxes, parse_formats
     from factory.build import BuildOptions, build_image
     from factory.profile import load_profile
+    from factory.progress import plain_log
 
+    # The OVA and the qcow2 are always written; --format adds the Vagrant boxes.
+    boxes = [f for f in parse_formats(formats, EXPORT_FORMATS) if f in BOX_FORMATS]
+    check_box_url(box_url)
     loaded = load_profile(profile)
     started = time.monotonic()
     options = BuildOptions(
         outputs=outputs, accelerator=accelerator, force=force, ova_digest=ova_digest
     )
     final = build_image(loaded, options)
+    if boxes:
+        export_delivery_boxes(final, boxes, base_url=box_url, log=plain_log)
     click.echo(f"built {loaded.name} in {time.monotonic() - started:.0f} s: {final}")
 
 
 @cli.command("export")
 @click.argument("delivery", type=click.Path(path_type=Path))
+@format_option("ova")
+@ova_digest_option
 @click.option(
-    "--ova-digest",
-    type=click.Choice(["sha256", "sha1"]),
-    default="sha256",
-    show_default=True,
-    help="Manifest digest inside the OVA (sha1 for strict OVF 1.0).",
+    "--boxes",
+    "box_root",
+    type=click.Path(path_type=Path),
+    help="Folder that receives <client>_<project>/ with the boxes and their catalog "
+    "(default: boxes/ beside the delivery).",
 )
-def export_command(delivery: Path, ova_digest: str) -> None:
-    """Write a delivery's OVA again from its qcow2."""
+@box_url_option
+def export_command(
+    delivery: Path, formats: str, ova_digest: str, box_root: Path | None, box_url: str | None
+) -> None:
+    """Write a delivery's OVA or Vagrant boxes (again) from its qcow2."""
+    from factory.boxes import BOX_FORMATS, check_box_url, export_delivery_boxes, parse_formats
     from factory.build import reexport_ova
     from factory.progress import Progress
 
+    chosen = parse_formats(formats, EXPORT_FORMATS)
+    check_box_url(box_url)
+    boxes = [f for f in chosen if f in BOX_FORMATS]
     with Progress() as progress:
-        ova = reexport_ova(delivery, ova_digest, progress)
-    click.echo(f"exported {ova}")
+        written = []
+        if "ova" in chosen:
+            written.append(reexport_ova(delivery, ova_digest, progress))
+        if boxes:
+            progress.set_stage("boxes")
+            written += export_delivery_boxes(delivery, boxes, box_root, box_url, progress.log)
+    for path in written:
+        click.echo(f"exported {path}")
 
 
 @cli.command()
@@ -268,6 +351,19 @@ def validate(
         names = "; ".join(r.name for r in outcome.failed)
         raise FactoryError(f"validation failed ({len(outcome.failed)} check(s)): {names}")
     click.echo(f"validated: all {len(outcome.results)} checks passed in {spent:.0f} s")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+def credentials(source: Path) -> None:
+    """How IT reads the first-boot secrets of a profile or delivery (outputs/<name>)."""
+    from factory.handover import credentials_text
+    from factory.profile import load_profile
+
+    click.echo(
+        credentials_text(load_profile(source / "profile.yaml" if source.is_dir() else source)),
+        nl=False,
+    )
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The export stage: the qcow2 that Packer built in, delivery artifacts out.
 
-Artifacts: a compressed qcow2, an OVA (OVF 1.0 descriptor, streamOptimized VMDK, manifest),
+Artifacts: a compressed qcow2, an OVA (OVF descriptor, streamOptimized VMDK, manifest),
 a SHA256SUMS file and a manifest.json sidecar. Every artifact is written into a staging
 directory inside the output directory and moved into place only when it is complete, so an
 interrupted export never leaves a half-written file behind.
@@ -29,7 +29,26 @@ from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
 
 NETWORK_NAME = "VM Network"
-OVA_DIGESTS = {"sha256": "SHA256", "sha1": "SHA1"}
+
+
+@dataclass(frozen=True)
+class OvfFlavor:
+    """The OVF version an OVA is written in and the manifest digest that version prescribes."""
+
+    ovf_version: str
+    namespace: str
+    manifest_label: str
+
+
+# The manifest digest picks the OVF version, so that readers that go by the spec (COT) agree:
+# DSP0243 1.x prescribes SHA1, 2.x SHA256. The default is OVF 1.0 + SHA1 because every importer
+# reads OVF 1.0 (vSphere, VirtualBox, Proxmox `qm importovf`, oVirt, virt-v2v), while OVF 2.0
+# is not read by Proxmox and older vSphere. The digest only guards the transfer, it signs nothing.
+OVA_DIGESTS = {
+    "sha1": OvfFlavor("1.0", "http://schemas.dmtf.org/ovf/envelope/1", "SHA1"),
+    "sha256": OvfFlavor("2.0", "http://schemas.dmtf.org/ovf/envelope/2", "SHA256"),
+}
+DEFAULT_OVA_DIGEST = "sha1"
 # ustar stores a member's size in 11 octal digits.
 USTAR_MAX_MEMBER_SIZE = 8**11 - 1
 # 80 keeps "<name>-disk1.vmdk" within ustar's 100-byte member name.
@@ -92,7 +111,7 @@ def check_artifact_name(name: str) -> None:
 # --- external tools -------------------------------------------------------------------------
 
 
-def _run_tool(args: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> str:
+def run_tool(args: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> str:
     """Run a tool and return its stdout; raise ToolError with its last stderr line on failure."""
     try:
         result = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -107,21 +126,19 @@ def _run_tool(args: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> s
     return result.stdout
 
 
-def _qemu_img_info(disk: Path) -> dict:
-    return json.loads(
-        _run_tool(["qemu-img", "info", "--output=json", str(disk)], f"reading {disk}")
-    )
+def qemu_img_info(disk: Path) -> dict:
+    return json.loads(run_tool(["qemu-img", "info", "--output=json", str(disk)], f"reading {disk}"))
 
 
 def _populated_size(disk: Path, fmt: str) -> int:
     """Bytes of the disk that hold data, which is what OVF's populatedSize means."""
     extents = json.loads(
-        _run_tool(["qemu-img", "map", "--output=json", "-f", fmt, str(disk)], f"mapping {disk}")
+        run_tool(["qemu-img", "map", "--output=json", "-f", fmt, str(disk)], f"mapping {disk}")
     )
     return sum(extent["length"] for extent in extents if extent.get("data"))
 
 
-def _input_disk_format(disk: Path) -> str:
+def input_disk_format(disk: Path) -> str:
     """The disk's format as qemu-img sees it, after checking that a qcow2 is sound.
 
     Both checks guard against exporting garbage without an error: qemu-img reads a file it
@@ -129,13 +146,13 @@ def _input_disk_format(disk: Path) -> str:
     """
     if not Path(disk).is_file():
         raise FactoryError(f"disk image {disk} does not exist; run the build stage first")
-    fmt = _qemu_img_info(disk)["format"]
+    fmt = qemu_img_info(disk)["format"]
     if Path(disk).suffix == ".qcow2" and fmt != "qcow2":
         raise FactoryError(f"{disk} is not a qcow2 image (qemu-img reads it as {fmt}); rebuild it")
     if fmt == "qcow2":
         # Exit status 2 is corruption (counted below); 3 is leaked clusters only, which is
         # wasted space, not damage.
-        report = _run_tool(
+        report = run_tool(
             ["qemu-img", "check", "--output=json", "-f", "qcow2", str(disk)],
             f"checking {disk}",
             ok_codes=(0, 2, 3),
@@ -152,7 +169,7 @@ def _input_disk_format(disk: Path) -> str:
 
 
 @contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
+def staging_dir(out_dir: Path) -> Iterator[Path]:
     """A scratch directory inside out_dir (same filesystem, so os.replace is atomic).
 
     It is removed on the way out whatever happens, KeyboardInterrupt included; callers move
@@ -166,8 +183,8 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_text_atomically(path: Path, text: str) -> Path:
-    with _staging_dir(path.parent) as staging:
+def write_text_atomically(path: Path, text: str) -> Path:
+    with staging_dir(path.parent) as staging:
         scratch = staging / path.name
         scratch.write_text(text, encoding="utf-8")
         os.replace(scratch, path)
@@ -180,13 +197,13 @@ def _write_text_atomically(path: Path, text: str) -> Path:
 def export_qcow2(built_qcow2: Path, out_dir: Path, name: str, log: Callable = print) -> Path:
     """Copy the built image to out_dir/<name>.qcow2, compressed."""
     check_artifact_name(name)
-    fmt = _input_disk_format(built_qcow2)
+    fmt = input_disk_format(built_qcow2)
     out_dir = Path(out_dir)
     target = out_dir / f"{name}.qcow2"
-    with _staging_dir(out_dir) as staging:
+    with staging_dir(out_dir) as staging:
         log(f"export: compressing {built_qcow2.name} into {target.name}")
         scratch = staging / target.name
-        _run_tool(
+        run_tool(
             ["qemu-img", "convert", "-c", "-f", fmt, "-O", "qcow2", str(built_qcow2), str(scratch)],
             f"compressing {built_qcow2}",
         )
@@ -205,7 +222,13 @@ class _OvfDisk:
     populated_size: int
 
 
-def render_ovf(hardware: VirtualHardware, disk: _OvfDisk) -> str:
+def render_ovf(
+    hardware: VirtualHardware,
+    disks: _OvfDisk | list[_OvfDisk],
+    digest: str = DEFAULT_OVA_DIGEST,
+) -> str:
+    """The OVF descriptor: the first disk boots; the others follow it on the same controller."""
+    disks = [disks] if isinstance(disks, _OvfDisk) else list(disks)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,
@@ -215,7 +238,8 @@ def render_ovf(hardware: VirtualHardware, disk: _OvfDisk) -> str:
     text = env.get_template("ovf.xml.j2").render(
         hw=hardware,
         guest_os=hardware.guest_os,
-        disk=disk,
+        disks=disks,
+        ovf_namespace=_ovf_flavor(digest).namespace,
         network=NETWORK_NAME,
         factory_version=__version__,
     )
@@ -224,6 +248,67 @@ def render_ovf(hardware: VirtualHardware, disk: _OvfDisk) -> str:
     except ET.ParseError as error:  # a template bug, not a user error
         raise FactoryError(f"rendered OVF descriptor is not well-formed XML: {error}") from error
     return text
+
+
+def _ovf_flavor(digest: str) -> OvfFlavor:
+    if digest not in OVA_DIGESTS:
+        raise FactoryError(
+            f"OVA manifest digest {digest!r} is not supported; use 'sha1' (OVF 1.0) "
+            "or 'sha256' (OVF 2.0)"
+        )
+    return OVA_DIGESTS[digest]
+
+
+def convert_to_stream_vmdk(disk: Path, fmt: str, vmdk: Path) -> _OvfDisk:
+    """Write `disk` as a streamOptimized VMDK and describe it for the OVF descriptor."""
+    run_tool(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized,adapter_type=lsilogic",
+            str(disk),
+            str(vmdk),
+        ],  # fmt: skip
+        f"converting {disk} to VMDK",
+    )
+    vmdk_size = vmdk.stat().st_size
+    if vmdk_size > USTAR_MAX_MEMBER_SIZE:
+        raise FactoryError(
+            f"{vmdk.name} is {vmdk_size} bytes, over the 8 GiB ustar member limit of an OVA; "
+            "shrink the image or deliver the qcow2 instead"
+        )
+    return _OvfDisk(
+        file_name=vmdk.name,
+        file_size=vmdk_size,
+        capacity=qemu_img_info(vmdk)["virtual-size"],
+        populated_size=_populated_size(disk, fmt),
+    )
+
+
+def pack_ustar(archive: Path, folder: Path, members: list[str]) -> None:
+    """A POSIX ustar archive of folder's members, in the given order, owned by root.
+
+    GNU tar, not tarfile: vSphere has rejected OVAs written by Python's tarfile."""
+    run_tool(
+        [
+            "tar",
+            "--format=ustar",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-cf",
+            str(archive),
+            "-C",
+            str(folder),
+            *members,
+        ],  # fmt: skip
+        f"packing {archive.name}",
+    )
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
@@ -235,94 +320,45 @@ def export_ova(
     disk: Path,
     hardware: VirtualHardware,
     out_dir: Path,
-    digest: str = "sha256",
+    digest: str = DEFAULT_OVA_DIGEST,
     log: Callable = print,
 ) -> Path:
-    """Package the disk as out_dir/<name>.ova: OVF 1.0 descriptor, streamOptimized VMDK, manifest.
+    """Package the disk as out_dir/<name>.ova: OVF descriptor, streamOptimized VMDK, manifest.
 
-    digest="sha1" gives the manifest strict OVF 1.0 readers (COT) expect; "sha256" is what
-    VMware and VirtualBox accept and the default.
+    digest="sha1" writes OVF 1.0 with a SHA1 manifest (the default, read by every importer);
+    "sha256" writes OVF 2.0 with a SHA256 manifest (see OVA_DIGESTS).
     """
-    if digest not in OVA_DIGESTS:
-        raise FactoryError(
-            f"OVA manifest digest {digest!r} is not supported; use 'sha256' or 'sha1'"
-        )
+    flavor = _ovf_flavor(digest)
     disk, out_dir = Path(disk), Path(out_dir)
-    fmt = _input_disk_format(disk)
+    fmt = input_disk_format(disk)
     name = hardware.name
     ovf_name, vmdk_name, mf_name = f"{name}.ovf", f"{name}-disk1.vmdk", f"{name}.mf"
     target = out_dir / f"{name}.ova"
 
-    with _staging_dir(out_dir) as staging:
+    with staging_dir(out_dir) as staging:
         log(f"export: converting {disk.name} to streamOptimized VMDK")
-        vmdk = staging / vmdk_name
-        _run_tool(
-            [
-                "qemu-img",
-                "convert",
-                "-f",
-                fmt,
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized,adapter_type=lsilogic",
-                str(disk),
-                str(vmdk),
-            ],  # fmt: skip
-            f"converting {disk} to VMDK",
-        )
-        vmdk_size = vmdk.stat().st_size
-        if vmdk_size > USTAR_MAX_MEMBER_SIZE:
-            raise FactoryError(
-                f"{vmdk_name} is {vmdk_size} bytes, over the 8 GiB ustar member limit of an OVA; "
-                "shrink the image or deliver the qcow2 instead"
-            )
-        capacity = _qemu_img_info(vmdk)["virtual-size"]
-        if capacity != hardware.disk_gib * 2**30:
+        ovf_disk = convert_to_stream_vmdk(disk, fmt, staging / vmdk_name)
+        if ovf_disk.capacity != hardware.disk_gib * 2**30:
             log(
-                f"export: note: disk is {capacity} bytes, profile says {hardware.disk_gib} GiB; "
-                "the OVF uses the disk's real size"
+                f"export: note: disk is {ovf_disk.capacity} bytes, profile says "
+                f"{hardware.disk_gib} GiB; the OVF uses the disk's real size"
             )
 
-        log(f"export: writing OVF descriptor {ovf_name}")
-        ovf_disk = _OvfDisk(
-            file_name=vmdk_name,
-            file_size=vmdk_size,
-            capacity=capacity,
-            populated_size=_populated_size(disk, fmt),
-        )
-        (staging / ovf_name).write_text(render_ovf(hardware, ovf_disk), encoding="utf-8")
+        log(f"export: writing OVF {flavor.ovf_version} descriptor {ovf_name}")
+        (staging / ovf_name).write_text(render_ovf(hardware, ovf_disk, digest), encoding="utf-8")
 
-        label = OVA_DIGESTS[digest]
-        log(f"export: writing {label} manifest {mf_name}")
+        log(f"export: writing {flavor.manifest_label} manifest {mf_name}")
         (staging / mf_name).write_text(
             "".join(
-                f"{label}({member})= {_file_digest(staging / member, digest)}\n"
+                f"{flavor.manifest_label}({member})= {_file_digest(staging / member, digest)}\n"
                 for member in (ovf_name, vmdk_name)
             ),
             encoding="ascii",
         )
 
-        # GNU tar, not tarfile: vSphere has rejected OVAs written by Python's tarfile.
         log(f"export: packing {target.name}")
         scratch_ova = staging / target.name
-        _run_tool(
-            [
-                "tar",
-                "--format=ustar",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "-cf",
-                str(scratch_ova),
-                "-C",
-                str(staging),
-                ovf_name,
-                vmdk_name,
-                mf_name,
-            ],  # fmt: skip
-            f"packing {target.name}",
-        )
+        pack_ustar(scratch_ova, staging, [ovf_name, vmdk_name, mf_name])
         os.replace(scratch_ova, target)
     return target
 
@@ -352,7 +388,7 @@ def write_checksums(out_dir: Path, artifacts: list[Path]) -> Path:
     """Write out_dir/SHA256SUMS, verifiable with `sha256sum -c` from inside out_dir."""
     out_dir = Path(out_dir)
     lines = [f"{sha256_file(path)}  {_name_in(out_dir, path)}\n" for path in artifacts]
-    return _write_text_atomically(out_dir / "SHA256SUMS", "".join(lines))
+    return write_text_atomically(out_dir / "SHA256SUMS", "".join(lines))
 
 
 def _git_state() -> dict | None:
@@ -415,6 +451,6 @@ def write_build_manifest(
         },
         "extra": dict(extra or {}),
     }
-    return _write_text_atomically(
+    return write_text_atomically(
         out_dir / "manifest.json", json.dumps(record, indent=2, sort_keys=False) + "\n"
     )
