@@ -181,7 +181,7 @@ def test_cached_debian_image_is_reused_without_root(tmp_cache, monkeypatch):
     """A valid cache entry needs neither root nor tools; a corrupt one triggers a rebuild."""
     built = []
 
-    def fake_build(workdir, suite, mirror, run):
+    def fake_build(workdir, suite, mirror, run, packages):
         built.append(suite)
         out = workdir / "disk.qcow2"
         out.write_bytes(b"image")
@@ -210,10 +210,13 @@ def test_cached_debian_image_is_reused_without_root(tmp_cache, monkeypatch):
 
     other = base.debian_base_image(mirror="http://mirror.example/debian", log=lambda _: None)
     assert other != first
+    layer = base.debian_base_image(log=lambda _: None, extra_packages=("nvidia-smi",))
+    assert layer != first
+    assert "nvidia-smi" in json.loads(layer.with_suffix(".json").read_text())["inputs"]["packages"]
 
 
 def test_failed_debian_build_leaves_no_cache_entry(tmp_cache, monkeypatch):
-    def failing_build(workdir, suite, mirror, run):
+    def failing_build(workdir, suite, mirror, run, packages):
         (workdir / "disk.raw").write_bytes(b"partial")
         raise ToolError("mmdebstrap failed (exit 1): E: boom; full log: x")
 
