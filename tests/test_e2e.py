@@ -249,9 +249,10 @@ def test_demo_validates(demo_validation, demo_delivery):
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):
-    """One boot, three broken promises: an image with root login switched back on, a profile
-    that promises a package the image lacks, and a lock that names a version the image does
-    not hold. Exactly the checks of those three fail."""
+    """One boot, four broken promises: an image with root login switched back on, a profile
+    that promises a package and an NVIDIA driver the image lacks, and a lock that names a
+    version the image does not hold. Exactly the checks of those four fail, and GPU level 2
+    is reported as skipped (no GPU), never as passed."""
     assert demo_validation.returncode == 0
     copy = tmp_path / "demo_hello_v1"
     copy.mkdir()
@@ -271,6 +272,7 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     lock_path.write_text(json.dumps(lock))
     profile = yaml.safe_load((demo_delivery / "profile.yaml").read_text())
     profile["environments"][0]["pip"].append("requests")
+    profile["gpu"] = {"vendor": "nvidia", "driver": "535", "cuda": "12.2"}  # no driver inside
     (copy / "profile.yaml").write_text(yaml.safe_dump(profile))
     report_dir = tmp_path / "reports"
     result = run_factory("validate", str(copy), "--report-dir", str(report_dir))
@@ -281,9 +283,14 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     assert failed == [
         "demo: imports requests",
         "demo: matches its lock",
+        "gpu: driver 535 is installed",
+        "gpu: kernel module built for the booted kernel",
+        "gpu: nvidia-smi is present",
         "ssh: root login with an authorised key is refused",
         "ssh: sshd denies root login",
     ], failed
+    level2 = next(c for c in report["checks"] if c["name"] == "gpu: nvidia-smi lists the device")
+    assert (level2["status"], level2["detail"]) == ("skipped", "skipped: no GPU on this machine")
     detail = next(c["detail"] for c in report["checks"] if c["name"] == "demo: matches its lock")
     assert "six 1.17.0 (lock 0.0.1)" in detail
 
