@@ -17,6 +17,8 @@ rm -rf /srv/jupyter/.local/share/jupyter/runtime
 rm -rf /var/cache/factory-rattler
 
 rm -f /etc/ssh/ssh_host_*
+# DKMS's module-signing key was made with the base layer, so every image would share it.
+rm -f /var/lib/dkms/mok.key
 truncate -s 0 /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 cloud-init clean --logs --seed >/dev/null 2>&1 || true

@@ -46,10 +46,12 @@ def check_gpu_level1(ctx: CheckContext) -> list[CheckResult]:
         )
     ]
     kernel = run("uname -r").stdout.strip()
+    # modinfo and dkms live in /usr/sbin, outside an ordinary user's PATH.
     vermagic = run(
-        "modinfo -F vermagic nvidia-current 2>/dev/null || modinfo -F vermagic nvidia"
+        "PATH=/usr/sbin:/sbin:$PATH; modinfo -F vermagic nvidia-current 2>/dev/null "
+        "|| modinfo -F vermagic nvidia"
     ).stdout.strip()
-    dkms = run("dkms status 2>/dev/null").stdout.strip()
+    dkms = run("sudo /usr/sbin/dkms status 2>/dev/null").stdout.strip()
     results.append(
         _result(
             "gpu: kernel module built for the booted kernel",
