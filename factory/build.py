@@ -213,9 +213,10 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 progress.set_stage("pre-flight")
                 progress.update(f"accelerator {accelerator}")
                 locks = lock_profile(loaded, log=progress.log)
-                conda_installer = loaded.profile.conda.installer_source()
-                if conda_installer is not None:  # fetched (and checked) before anything boots
-                    fetch_conda_installer(*conda_installer, log=progress.log)
+                source = loaded.profile.conda.installer_source()
+                conda_installer = None  # fetched (and checked) before anything boots
+                if source is not None:
+                    conda_installer = fetch_conda_installer(*source, log=progress.log)
                 base_image = base_image_for(loaded, progress)
                 with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
                     inputs = BuildInputs(

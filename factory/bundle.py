@@ -40,24 +40,44 @@ def _download(url: str, dest: Path, attempts: int = 3) -> None:
             time.sleep(2**attempt)
 
 
-def fetch_conda_package(url: str, sha256: str) -> Path:
-    """Return a cached copy of a locked conda package, verified against its sha256."""
+def _fetch_verified(
+    url: str, sha256: str, folder: str, mismatch, unreachable=str, log=None
+) -> Path:
+    """A cached copy of `url` under cache_dir()/folder, verified against its sha256.
+    `mismatch(name, actual)` words the error when the download differs, `unreachable(message)`
+    when it fails."""
     name = url.rsplit("/", 1)[-1]
-    cached = cache_dir() / "pkgs" / sha256 / name
+    cached = cache_dir() / folder / sha256 / name
     if cached.exists() and sha256_file(cached) == sha256:
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f".{name}.part")
-    _download(url, partial)
+    if log is not None:
+        log(f"downloading {name}")
+    try:
+        _download(url, partial)
+    except FactoryError as error:
+        partial.unlink(missing_ok=True)
+        raise FactoryError(unreachable(str(error))) from None
     actual = sha256_file(partial)
     if actual != sha256:
         partial.unlink()
-        raise FactoryError(
-            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got {actual[:12]}…); "
-            "the channel changed: run `factory lock --force`"
-        )
+        raise FactoryError(mismatch(name, actual))
     partial.replace(cached)
     return cached
+
+
+def fetch_conda_package(url: str, sha256: str) -> Path:
+    """Return a cached copy of a locked conda package, verified against its sha256."""
+    return _fetch_verified(
+        url,
+        sha256,
+        "pkgs",
+        lambda name, actual: (
+            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got "
+            f"{actual[:12]}…); the channel changed: run `factory lock --force`"
+        ),
+    )
 
 
 def _pip_download(requirements: Path, python: str, dest: Path, log) -> None:
@@ -89,30 +109,20 @@ def _installer_wheels(dest: Path) -> None:
 
 def fetch_conda_installer(url: str, sha256: str, log=print) -> Path:
     """A cached copy of the Miniconda/Miniforge installer, verified against its sha256."""
-    name = url.rsplit("/", 1)[-1]
-    cached = cache_dir() / "conda-installers" / sha256 / name
-    if cached.exists() and sha256_file(cached) == sha256:
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f".{name}.part")
-    log(f"downloading the conda installer {name}")
-    try:
-        _download(url, partial)
-    except FactoryError as error:
-        partial.unlink(missing_ok=True)
-        raise FactoryError(
-            f"conda.url: {error}; put the installer where the build host can read it "
-            "(file://...) or use conda.installer: rattler"
-        ) from None
-    actual = sha256_file(partial)
-    if actual != sha256:
-        partial.unlink()
-        raise FactoryError(
-            f"conda.sha256: {name} has sha256 {actual}, the profile pins {sha256}; "
-            "check the download or fix the pin"
-        )
-    partial.replace(cached)
-    return cached
+    return _fetch_verified(
+        url,
+        sha256,
+        "conda-installers",
+        lambda name, actual: (
+            f"conda.sha256: {name} has sha256 {actual}, the profile pins "
+            f"{sha256}; check the download or fix the pin"
+        ),
+        lambda message: (
+            f"conda.url: {message}; put the installer where the build host can "
+            "read it (file://...) or use conda.installer: rattler"
+        ),
+        log=log,
+    )
 
 
 def local_explicit_text(lock: EnvLock, channel_dir: str) -> str:
@@ -129,7 +139,7 @@ def build_payload(
     locks: dict[str, EnvLock],
     payload: Path,
     log=print,
-    conda_installer: tuple[str, str] | None = None,
+    conda_installer: Path | None = None,
 ) -> Path:
     """Write the payload directory: conda packages, wheels, locks and the installer(s)."""
     channel, wheels, envs = payload / "channel", payload / "wheels", payload / "envs"
@@ -162,9 +172,8 @@ def build_payload(
     log("fetching the rattler installer")
     _installer_wheels(payload / "installer")
     if conda_installer is not None:
-        source = fetch_conda_installer(*conda_installer, log=log)
         (payload / "conda-installer").mkdir(exist_ok=True)
-        shutil.copy2(source, payload / "conda-installer" / "installer.sh")
+        shutil.copy2(conda_installer, payload / "conda-installer" / "installer.sh")
     _write_checksums(payload)
     return payload
 

@@ -132,6 +132,20 @@ def check_environment(ctx: CheckContext, env: Environment) -> list[CheckResult]:
     return results
 
 
+def jupyter_token(ctx: CheckContext) -> str:
+    """The Jupyter token the image made on its first boot ('' when there is none)."""
+    return ctx.target.run(
+        "sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env 2>/dev/null"
+    ).stdout.strip()
+
+
+def unit_user(ctx: CheckContext, unit: str) -> str:
+    """The user that a systemd service's main process runs as ('' when it is not running)."""
+    return ctx.target.run(
+        f"ps -o user= -p $(systemctl show -p MainPID --value {unit}.service)"
+    ).stdout.strip()
+
+
 def _quote(text: str) -> str:
     from factory.escape import shell_word
 
@@ -158,9 +172,7 @@ def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
     results.append(
         _result("jupyter: service active", status == "active", f"is-active: {status}", group)
     )
-    user = ctx.target.run(
-        "ps -o user= -p $(systemctl show -p MainPID --value jupyter.service)"
-    ).stdout.strip()
+    user = unit_user(ctx, "jupyter")
     results.append(
         _result(
             "jupyter: runs as a non-root user",
@@ -185,10 +197,9 @@ def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
             group,
         )
     )
-    token = ctx.target.run("sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env")
     authorised = ctx.target.run(
         f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: token $(cat)\" {url}",
-        stdin=token.stdout.strip(),
+        stdin=jupyter_token(ctx),
     ).stdout.strip()
     results.append(
         _result(

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
+from factory.escape import shell_word
 from factory.profile import package_name
-from factory.validate.checks import SKIPPED, CheckContext, CheckResult, _quote, _result
+from factory.validate.checks import SKIPPED, CheckContext, CheckResult, _result
 
 NVIDIA_VENDOR = "0x10de"
 CUDA_PROBE = r"""
@@ -102,7 +103,7 @@ def check_gpu_level2(ctx: CheckContext) -> list[CheckResult]:
         )
     ]
     for env, name in zip(torch_envs, names[1:], strict=True):
-        probe = ctx.target.run(f"/opt/conda/envs/{env}/bin/python -c {_quote(CUDA_PROBE)}")
+        probe = ctx.target.run(f"/opt/conda/envs/{env}/bin/python -c {shell_word(CUDA_PROBE)}")
         try:
             data = json.loads(probe.stdout)
         except json.JSONDecodeError:

@@ -7,9 +7,19 @@ import json
 import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
-from factory.validate.checks import FAILED, SKIPPED, CheckContext, CheckResult, _quote, _result
+from factory.escape import shell_word
+from factory.validate.checks import (
+    FAILED,
+    SKIPPED,
+    CheckContext,
+    CheckResult,
+    _result,
+    jupyter_token,
+    unit_user,
+)
 
 FIRST_BOOT_SECRETS = [
     "/etc/ssh/ssh_host_ed25519_key",
@@ -89,8 +99,7 @@ def check_https(ctx: CheckContext) -> list[CheckResult]:
         return [CheckResult("https: nginx in front of Jupyter", SKIPPED, reason, group=group)]
     cert_pem = ctx.target.run(f"cat {TLS_CERT}").stdout
     name = ctx.target.run("hostname").stdout.strip()
-    token = ctx.target.run("sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env")
-    token_value = token.stdout.strip()
+    token_value = jupyter_token(ctx)
     results = []
     try:
         context = _tls_context(cert_pem)
@@ -251,7 +260,7 @@ def _unlisted_port_blocked(ctx: CheckContext, port: int) -> CheckResult:
             ).stdout
             if inside == "200":
                 break
-            ctx.target.run("sleep 1")
+            time.sleep(1)
         if inside != "200":
             return CheckResult(name, FAILED, "the probe listener did not start", group="firewall")
         try:
@@ -388,11 +397,7 @@ def check_services_unprivileged(ctx: CheckContext) -> list[CheckResult]:
     units = ["prometheus-node-exporter"]
     if ctx.loaded.profile.jupyter.enabled:
         units.append("jupyter")
-    owners = {}
-    for unit in units:
-        owners[unit] = ctx.target.run(
-            f"ps -o user= -p $(systemctl show -p MainPID --value {unit}.service)"
-        ).stdout.strip()
+    owners = {unit: unit_user(ctx, unit) for unit in units}
     if ctx.loaded.profile.jupyter.enabled:
         workers = ctx.target.run("ps -C nginx -o user=,args= | grep 'worker process'").stdout
         owners["nginx workers"] = ",".join(sorted({w.split()[0] for w in workers.splitlines()}))
@@ -419,9 +424,7 @@ def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
         p for p in found if re.match(r"^/etc/ssh/ssh_host_\w+_key$", p)
     }
     problems += [f"private key in {path}" for path in found if path not in allowed]
-    token = ctx.target.run(
-        "sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env 2>/dev/null"
-    ).stdout.strip()
+    token = jupyter_token(ctx)
     # The token travels on stdin, never on a command line (auditd records sudo's argv).
     tokens = ctx.target.run(
         f"sudo grep -rlIE -e 'JUPYTER_TOKEN=[0-9a-f]{{16,}}' {SCANNED_DIRS} 2>/dev/null; "
@@ -447,7 +450,7 @@ def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
         ]
         stamps = ctx.target.run(
             "awk '/^btime/ {print $2}' /proc/stat; "
-            f"sudo stat -c '%n %W %Y' {' '.join(map(_quote, paths))}"
+            f"sudo stat -c '%n %W %Y' {' '.join(map(shell_word, paths))}"
         ).stdout.split("\n")
         boot = int(stamps[0] or 0)
         for line in filter(None, stamps[1:]):
