@@ -310,7 +310,12 @@ def export_command(
     type=click.Path(path_type=Path),
     help="Check against this profile instead of the delivery's own copy.",
 )
-@click.option("--host", "address", help="Validate a live machine user@address[:port] instead.")
+@click.option(
+    "--host",
+    "address",
+    help="Validate a live machine instead: user@address[:port] over SSH, or 'local' for "
+    "the machine this runs on.",
+)
 @click.option("--identity", type=click.Path(path_type=Path), help="SSH key for --host.")
 @click.option(
     "--report-dir",
@@ -320,6 +325,10 @@ def export_command(
 @click.option(
     "--accelerator", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"])
 )
+@click.option(
+    "--only",
+    help="Run only these groups of checks, comma-separated (e.g. gpu,env). Default: all of them.",
+)
 def validate(
     delivery: Path | None,
     profile_path: Path | None,
@@ -327,22 +336,34 @@ def validate(
     identity: Path | None,
     report_dir: Path | None,
     accelerator: str,
+    only: str | None,
 ) -> None:
     """Boot the delivered OVA (or reach --host) and check what the profile promises."""
     from factory.progress import plain_log
-    from factory.validate import validate_delivery, validate_host
+    from factory.validate import SUITES, validate_delivery, validate_host
 
     started = time.monotonic()
+    groups = SUITES
+    if only:
+        groups = tuple(g.strip() for g in only.split(",") if g.strip())
+        unknown = sorted(set(groups) - set(SUITES))
+        if unknown or not groups:
+            raise FactoryError(
+                f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; "
+                f"use some of {', '.join(SUITES)}"
+            )
     if address:
         if profile_path is None:
             raise FactoryError("--host needs --profile: the checks come from the profile")
         outcome = validate_host(
-            address, profile_path, identity, report_dir or Path("."), log=plain_log
+            address, profile_path, identity, report_dir or Path("."), plain_log, groups
         )
     else:
         if delivery is None:
             raise FactoryError("give the delivery folder (outputs/<name>) or --host")
-        outcome = validate_delivery(delivery, profile_path, accelerator, report_dir, log=plain_log)
+        outcome = validate_delivery(
+            delivery, profile_path, accelerator, report_dir, plain_log, groups
+        )
     for result in outcome.results:
         click.echo(f"{result.status.upper():8} {result.name}: {result.detail}")
     click.echo("reports: " + ", ".join(str(p) for p in outcome.reports))

@@ -18,6 +18,8 @@ CUDA_MIN_DRIVER = {
     "12.5": 555,
     "12.6": 560,
     "12.8": 570,
+    "12.9": 575,
+    "13.0": 580,
 }
 # PyTorch minor release -> the CUDA releases it is built for.
 PYTORCH_CUDA = {

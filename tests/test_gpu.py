@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,45 @@ def test_gpu_image_builds_and_validates_level1_and_skips_level2(tmp_path):
         assert checks[name]["status"] == "passed", checks[name]
     level2 = checks["gpu: nvidia-smi lists the device"]
     assert level2["status"] == "skipped" and level2["detail"] == "skipped: no GPU on this machine"
+
+
+HOSPITAL_PROFILE = REPO / "profiles" / "hospital_lung_nodule_v1.yaml"
+
+
+def test_live_host_gpu_checks_run_on_this_machine(tmp_path):
+    """`factory validate --host local --only gpu` runs the GPU checks on the machine itself, as
+    IT does on a client's GPU server. Here there is no driver and no GPU: level 1 fails and
+    level 2 is reported as skipped, never as passed."""
+    if list(Path("/dev").glob("nvidia[0-9]*")):
+        pytest.skip("this machine has an NVIDIA GPU; the lent-machine run covers that case")
+    result = run_factory(
+        "validate", "--host", "local", "--profile", str(HOSPITAL_PROFILE),
+        "--only", "gpu", "--report-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: validation failed")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["subject"]["target"].endswith("@localhost (no SSH)")
+    checks = {c["name"]: c for c in report["checks"]}
+    assert {c["group"] for c in checks.values()} == {"gpu:level1", "gpu:level2"}
+    assert checks["gpu: driver 535 is installed"]["status"] == "failed"
+    level2 = [c for c in checks.values() if c["group"] == "gpu:level2"]
+    assert [c["name"] for c in level2] == [
+        "gpu: nvidia-smi lists the device",
+        "gpu: torch.cuda.is_available() in lung-nodule",
+    ]
+    for check in level2:
+        assert check["status"] == "skipped" and check["detail"] == "skipped: no GPU on this machine"
+    assert (tmp_path / "report.xml").exists() and (tmp_path / "report.html").exists()
+
+
+def test_unknown_check_group_is_one_line_error(tmp_path):
+    result = run_factory(
+        "validate", "--host", "local", "--profile", str(HOSPITAL_PROFILE),
+        "--only", "gpu,gpus", "--report-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--only: unknown group(s) gpus" in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())

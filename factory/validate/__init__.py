@@ -15,14 +15,17 @@ from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_dis
 from factory.validate.checks import (
     FAILED,
     PASSED,
+    SUITES,
     CheckContext,
     CheckResult,
     run_all_checks,
 )
 from factory.validate.report import write_reports
-from factory.validate.target import connect, try_login
+from factory.validate.target import LocalTarget, Target, connect, try_login
 
-__all__ = ["ValidationOutcome", "validate_delivery", "validate_host"]
+__all__ = ["LOCAL_HOST", "SUITES", "ValidationOutcome", "validate_delivery", "validate_host"]
+
+LOCAL_HOST = "local"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def validate_delivery(
     accelerator: str = "auto",
     report_dir: Path | None = None,
     log=print,
+    only: tuple[str, ...] = SUITES,
 ) -> ValidationOutcome:
     """Boot the delivery's OVA disk on an overlay and run every check of the profile."""
     delivery = delivery.resolve()
@@ -104,7 +108,7 @@ def validate_delivery(
                     ),
                 )
                 log("running checks")
-                results = [login, *run_all_checks(ctx)]
+                results = [login, *run_all_checks(ctx, only)]
             finally:
                 target.close()
         boot_seconds = vm.boot_seconds
@@ -160,15 +164,23 @@ def validate_host(
     key_file: Path | None,
     report_dir: Path,
     log=print,
+    only: tuple[str, ...] = SUITES,
 ) -> ValidationOutcome:
-    """Run the same checks over SSH against a live machine (host keys from known_hosts)."""
+    """Run the same checks against a live machine: over SSH (host keys from known_hosts),
+    or on this machine itself when `address` is LOCAL_HOST."""
     loaded: LoadedProfile = load_profile(profile_path)
-    user, _, rest = address.rpartition("@")
-    hostname, _, port = rest.partition(":")
-    if not user or not hostname:
-        raise FactoryError(f"--host {address!r}: expected user@address[:port]")
-    log(f"connecting to {address}")
-    target = connect(hostname, int(port or 22), user, key_file, None, time.monotonic() + 60)
+    target: Target
+    if address == LOCAL_HOST:
+        hostname = "127.0.0.1"
+        target = LocalTarget()
+    else:
+        user, _, rest = address.rpartition("@")
+        hostname, _, port = rest.partition(":")
+        if not user or not hostname:
+            raise FactoryError(f"--host {address!r}: expected user@address[:port] or 'local'")
+        log(f"connecting to {address}")
+        target = connect(hostname, int(port or 22), user, key_file, None, time.monotonic() + 60)
+    log(f"running checks on {target.description}")
     try:
         ctx = CheckContext(
             target=target,
@@ -176,8 +188,8 @@ def validate_host(
             throwaway_vm=False,
             address=lambda guest_port: (hostname, guest_port),
         )
-        results = run_all_checks(ctx)
+        results = run_all_checks(ctx, only)
     finally:
         target.close()
-    subject = {"name": loaded.name, "target": address, "profile": str(loaded.path)}
+    subject = {"name": loaded.name, "target": target.description, "profile": str(loaded.path)}
     return ValidationOutcome(results, write_reports(results, report_dir, subject))

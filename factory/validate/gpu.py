@@ -23,7 +23,12 @@ print(json.dumps(out))
 
 
 def nvidia_devices(ctx: CheckContext) -> int:
-    found = ctx.target.run(f"grep -lx {NVIDIA_VENDOR} /sys/bus/pci/devices/*/vendor").stdout
+    """NVIDIA PCI functions, or the driver's device nodes where /sys hides the bus
+    (containers and micro-VMs that pass the GPU through)."""
+    found = ctx.target.run(
+        f"grep -lx {NVIDIA_VENDOR} /sys/bus/pci/devices/*/vendor 2>/dev/null"
+        " || ls /dev/nvidia[0-9]* 2>/dev/null"
+    ).stdout
     return len(found.split())
 
 

@@ -1,9 +1,11 @@
-"""Where checks run: an SSH session (paramiko) with a pinned host key."""
+"""Where checks run: an SSH session (paramiko) with a pinned host key, or this machine."""
 
 from __future__ import annotations
 
 import base64
+import getpass
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,33 @@ class SSHTarget:
 
     def close(self) -> None:
         self.client.close()
+
+
+class LocalTarget:
+    """The machine the validator runs on, for IT checking a client host from its own shell."""
+
+    def __init__(self) -> None:
+        self.user = getpass.getuser()
+        self.description = f"{self.user}@localhost (no SSH)"
+
+    def run(self, command: str, stdin: str | None = None, timeout: float = 600) -> CommandResult:
+        try:
+            done = subprocess.run(
+                ["bash", "-c", command],
+                input=(stdin or "").encode(),
+                capture_output=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return CommandResult(124, "", f"timed out after {timeout:.0f} s")
+        out, err = (b.decode(errors="replace") for b in (done.stdout, done.stderr))
+        return CommandResult(done.returncode, out, err)
+
+    def close(self) -> None:
+        pass
+
+
+Target = SSHTarget | LocalTarget
 
 
 def pinned_client(host: str, port: int, host_keys: list[str]) -> paramiko.SSHClient:
