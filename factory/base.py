@@ -28,6 +28,7 @@ from pathlib import Path
 
 from factory.cache import cache_dir, inputs_key, sha256_file
 from factory.errors import FactoryError, ToolError
+from factory.processes import stop_gently
 
 DEBIAN_RELEASES = {
     "debian-12": {"suite": "bookworm", "mirror": "http://deb.debian.org/debian"},
@@ -321,14 +322,7 @@ class _Runner:
         try:
             out, _ = proc.communicate(input)
         except BaseException:
-            # Give the tool (mmdebstrap cleans up its own mounts) a moment to exit on its own.
-            with contextlib.suppress(OSError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_gently(proc, 30)  # mmdebstrap cleans up its own mounts on SIGTERM
             raise
         if capture and out:
             self.logf.write(out)

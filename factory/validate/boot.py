@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
@@ -19,6 +18,7 @@ from factory import host
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config
 from factory.keys import KeyPair, ephemeral_keypair
+from factory.processes import stop_gently
 from factory.render import temporary_login
 
 VALIDATOR_USER = "factory-validate"
@@ -142,7 +142,7 @@ def boot_delivery(
             yield BootedVM(port, keys, key, console, time.monotonic() - started, forwards)
     finally:
         if process is not None:
-            _stop(process)
+            stop_gently(process, 20)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -160,13 +160,3 @@ def _wait_for_host_keys(process: subprocess.Popen, console: Path, deadline: floa
         "the image did not print its SSH host keys on the serial console in time; "
         "it may not have booted"
     )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
