@@ -7,7 +7,11 @@ import yaml
 
 
 def hcl_string(value: str) -> str:
-    """A double-quoted HCL string literal with no interpolation or directives."""
+    r"""A double-quoted HCL string literal with no interpolation or directives.
+
+    `${` and `%{` are written as `\u0024{` and `\u0025{`: Packer reads them as literal text, and
+    python-hcl2, unlike with the `$${` escape, parses them in every position. Packer reads
+    strings NFC-normalised."""
     named = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
     out = []
     for char in value:
@@ -17,7 +21,7 @@ def hcl_string(value: str) -> str:
             out.append(f"\\u{ord(char):04x}")
         else:
             out.append(char)
-    return '"' + "".join(out).replace("${", "$${").replace("%{", "%%{") + '"'
+    return '"' + "".join(out).replace("${", "\\u0024{").replace("%{", "\\u0025{") + '"'
 
 
 def shell_word(value: str) -> str:

@@ -2,8 +2,10 @@
 and shellcheck; profile strings survive each target language unchanged."""
 
 import json
+import os
 import shutil
 import subprocess
+import unicodedata
 from pathlib import Path
 
 import hcl2
@@ -24,12 +26,6 @@ HCL_OPTIONS = SerializationOptions(strip_string_quotes=True)
 
 def parse_hcl(text: str) -> dict:
     return hcl2.loads(text, serialization_options=HCL_OPTIONS)
-
-
-def hcl_template_literal(value: str) -> str:
-    """python-hcl2 keeps HCL's template escapes ($${, %%{) as written; Packer reads them as
-    literal ${ and %{."""
-    return value.replace("$${", "${").replace("%%{", "%{")
 
 
 def render_demo(tmp_path: Path, profile: Path = DEMO_PROFILE, packer_version=(1, 6, 6)) -> Path:
@@ -105,14 +101,39 @@ def test_provisioners_pass_shellcheck():
 
 NASTY = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40
-) | st.sampled_from(['"\n', "${var.x}", "%{ if true }", "$(reboot)", "`id`", "\\", "'\"'"])
+) | st.sampled_from(
+    ['"\n', "${var.x}", "%{ if true }", "${", "%{", "$${", "$(reboot)", "`id`", "\\", "'\"'"]
+)
 
 
 @settings(max_examples=300, deadline=None)
 @given(NASTY)
 def test_hcl_string_round_trips(value):
     parsed = parse_hcl(f"x = {hcl_string(value)}\n")
-    assert hcl_template_literal(parsed["x"]) == value
+    assert parsed["x"] == value
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(NASTY, min_size=1, max_size=12))
+def test_packer_reads_hcl_strings_back_literally(tmp_path_factory, values):
+    """Packer itself (`packer console`) evaluates each rendered string to the profile's text,
+    NFC-normalised as HCL does: no interpolation, no directive, no escape left over."""
+    folder = tmp_path_factory.mktemp("hcl")
+    names = [f"v{i}" for i in range(len(values))]
+    lines = [f"  {n} = {hcl_string(v)}" for n, v in zip(names, values, strict=True)]
+    (folder / "strings.pkr.hcl").write_text("locals {\n" + "\n".join(lines) + "\n}\n")
+    expression = "jsonencode([" + ", ".join(f"local.{n}" for n in names) + "])\n"
+    result = subprocess.run(
+        ["packer", "console", "strings.pkr.hcl"],
+        input=expression,
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env={**os.environ, "CHECKPOINT_DISABLE": "1"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [unicodedata.normalize("NFC", v) for v in values]
 
 
 @settings(max_examples=300, deadline=None)
