@@ -465,16 +465,14 @@ def _is_mounted(point: Path) -> bool:
     return str(point.resolve()) in _mounts_under(point)
 
 
+def chroot_command(mnt: Path) -> list[str]:
+    """The prefix that runs a command in the image's root with a clean environment."""
+    env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive"]
+    return ["chroot", str(mnt), "env", "-i", *env, "HOME=/root"]
+
+
 def _chroot(run: _Runner, mnt: Path, *cmd: str) -> str:
-    env = [
-        "env",
-        "-i",
-        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-        "LANG=C.UTF-8",
-        "DEBIAN_FRONTEND=noninteractive",
-        "HOME=/root",
-    ]
-    return run("chroot", str(mnt), *env, *cmd)
+    return run(*chroot_command(mnt), *cmd)
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:

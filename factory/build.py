@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from factory import base, export, gpu, host
+from factory import assemble, base, cpu, export, gpu, host
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
@@ -206,27 +206,40 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 f"{loaded.path.name} or pass --force to replace it"
             )
         check_free_disk(options.outputs, loaded)
+        resources = loaded.profile.resources
+        vm = host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
         accelerator = host.choose_accelerator(options.accelerator)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=options.outputs))
         try:
             with Progress() as progress:
                 progress.set_stage("pre-flight")
                 progress.update(f"accelerator {accelerator}")
+                progress.log(
+                    f"build VM: {vm.cpus} CPUs, {vm.memory_mib} MiB, CPU model "
+                    f"{cpu.build_cpu_model(accelerator)} (the delivered VM: {resources.cpus} "
+                    f"CPUs, {resources.memory} MiB)"
+                )
                 locks = lock_profile(loaded, log=progress.log)
                 source = loaded.profile.conda.installer_source()
                 conda_installer = None  # fetched (and checked) before anything boots
                 if source is not None:
                     conda_installer = fetch_conda_installer(*source, log=progress.log)
                 base_image = base_image_for(loaded, progress)
+                on_host = assemble.host_assembly_available()
+                packer_base = staging / "assembled.qcow2" if on_host else base_image
                 with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
                     inputs = BuildInputs(
-                        base_image=str(base_image),
-                        base_image_checksum=f"sha256:{sha256_file(base_image)}",
+                        base_image=str(packer_base),
+                        # The assembled image is made in this staging folder just below.
+                        base_image_checksum="none"
+                        if on_host
+                        else f"sha256:{sha256_file(base_image)}",
                         accelerator=accelerator,
                         output_directory=str(staging / "packer-output"),
                         console_log=str(staging / "console.log"),
                         build_key=key,
                         packer_version=host.packer_version() or (1, 6, 6),
+                        host_stages=(assemble.HOST_STAGE,) if on_host else (),
                     )
                     progress.set_stage("render")
                     build_dir = render_build_dir(loaded, inputs, staging / "build")
@@ -237,6 +250,21 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                         log=progress.log,
                         conda_installer=conda_installer,
                     )
+                    if on_host:
+                        progress.set_stage("environments")
+                        assemble.assemble_environments(
+                            base_image,
+                            loaded.profile.resources.disk,
+                            build_dir,
+                            staging,
+                            log=progress.update,
+                            log_file=staging / "build.log",
+                        )
+                        for name in UNDELIVERED_PAYLOAD_DIRS:  # installed; the VM needs none
+                            if name != "tls":
+                                shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+                    else:
+                        progress.log("not root: the conda stage runs inside the build VM")
                     run_packer(build_dir, key.private_key_file, staging / "build.log", progress)
                 progress.set_stage("export")
                 artifacts = export_delivery(loaded, staging, options, progress)

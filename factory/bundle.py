@@ -14,62 +14,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 
 import rattler.index
 
-from factory.cache import cache_dir, sha256_file
+from factory.cache import cache_dir, fetch_verified
 from factory.errors import FactoryError
 from factory.resolve import EnvLock, pip_target_args
 
 INSTALLER_PYTHON = "3.11"  # Debian 12's python3, which runs the installer inside the image
 
 
-def _download(url: str, dest: Path, attempts: int = 3) -> None:
-    for attempt in range(1, attempts + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-                shutil.copyfileobj(response, out)
-            return
-        except OSError as error:
-            if attempt == attempts:
-                raise FactoryError(f"cannot download {url}: {error}; check the network") from None
-            time.sleep(2**attempt)
-
-
-def _fetch_verified(
-    url: str, sha256: str, folder: str, mismatch, unreachable=str, log=None
-) -> Path:
-    """A cached copy of `url` under cache_dir()/folder, verified against its sha256.
-    `mismatch(name, actual)` words the error when the download differs, `unreachable(message)`
-    when it fails."""
-    name = url.rsplit("/", 1)[-1]
-    cached = cache_dir() / folder / sha256 / name
-    if cached.exists() and sha256_file(cached) == sha256:
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f".{name}.part")
-    if log is not None:
-        log(f"downloading {name}")
-    try:
-        _download(url, partial)
-    except FactoryError as error:
-        partial.unlink(missing_ok=True)
-        raise FactoryError(unreachable(str(error))) from None
-    actual = sha256_file(partial)
-    if actual != sha256:
-        partial.unlink()
-        raise FactoryError(mismatch(name, actual))
-    partial.replace(cached)
-    return cached
-
-
 def fetch_conda_package(url: str, sha256: str) -> Path:
     """Return a cached copy of a locked conda package, verified against its sha256."""
-    return _fetch_verified(
+    return fetch_verified(
         url,
         sha256,
         "pkgs",
@@ -109,7 +68,7 @@ def _installer_wheels(dest: Path) -> None:
 
 def fetch_conda_installer(url: str, sha256: str, log=print) -> Path:
     """A cached copy of the Miniconda/Miniforge installer, verified against its sha256."""
-    return _fetch_verified(
+    return fetch_verified(
         url,
         sha256,
         "conda-installers",

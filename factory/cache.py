@@ -1,9 +1,17 @@
-"""The factory cache directory: base images, channels and probes, keyed by their inputs."""
+"""The factory cache directory: base images, channels and probes, keyed by their inputs, and
+downloads stored under their sha256."""
 
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+from factory.errors import FactoryError
 
 CACHE_ENV_VAR = "FACTORY_CACHE_DIR"
 _override: Path | None = None
@@ -39,3 +47,52 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def download(url: str, dest: Path, attempts: int = 3) -> None:
+    """Fetch `url` into `dest`, retrying with backoff; one-line FactoryError when it fails."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+                shutil.copyfileobj(response, out)
+            return
+        except OSError as error:
+            if attempt == attempts:
+                raise FactoryError(f"cannot download {url}: {error}; check the network") from None
+            time.sleep(2**attempt)
+
+
+def fetch_verified(
+    url: str,
+    sha256: str,
+    folder: str,
+    mismatch: Callable[[str, str], str],
+    unreachable: Callable[[str], str] = str,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """A cached copy of `url` under cache_dir()/folder/<sha256>/, verified against its sha256.
+    `mismatch(name, actual)` words the error when the download differs, `unreachable(message)`
+    when it fails. Concurrent fetches of one file each write their own partial file."""
+    name = url.rsplit("/", 1)[-1]
+    cached = cache_dir() / folder / sha256 / name
+    if cached.exists() and sha256_file(cached) == sha256:
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    if log is not None:
+        log(f"downloading {name}")
+    handle, partial_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cached.parent)
+    os.close(handle)
+    partial = Path(partial_name)
+    try:
+        try:
+            download(url, partial)
+        except FactoryError as error:
+            raise FactoryError(unreachable(str(error))) from None
+        actual = sha256_file(partial)
+        if actual != sha256:
+            raise FactoryError(mismatch(name, actual))
+        partial.chmod(0o644)
+        partial.replace(cached)
+    finally:
+        partial.unlink(missing_ok=True)
+    return cached

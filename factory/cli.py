@@ -371,7 +371,10 @@ def validate(
     if outcome.failed:
         names = "; ".join(r.name for r in outcome.failed)
         raise FactoryError(f"validation failed ({len(outcome.failed)} check(s)): {names}")
-    click.echo(f"validated: all {len(outcome.results)} checks passed in {spent:.0f} s")
+    skipped = sum(r.status == "skipped" for r in outcome.results)
+    passed = len(outcome.results) - skipped
+    note = f" ({skipped} skipped, each with its reason above)" if skipped else ""
+    click.echo(f"validated: all {passed} checks passed{note} in {spent:.0f} s")
 
 
 @cli.command()

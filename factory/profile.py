@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from factory import cpu
 from factory.errors import ProfileError
 
 NAME_PART = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -67,6 +68,14 @@ class Resources(Strict):
     cpus: int = Field(2, ge=1, le=128, description="Virtual CPUs of the delivered VM.")
     memory: int = Field(2048, ge=512, le=1048576, description="Memory in MiB.")
     disk: int = Field(8, ge=4, le=4096, description="Disk size in GiB.")
+    build_memory: int | None = Field(
+        None,
+        ge=2048,
+        le=1048576,
+        description="Memory in MiB of the build and validation VMs on the build host. By "
+        "default they get `memory` capped to what the host can give; set this only when the "
+        "build needs more, and the build refuses a host that cannot give it.",
+    )
 
 
 class Admin(Strict):
@@ -298,6 +307,13 @@ class Profile(Strict):
     environments: Annotated[list[Environment], Field(min_length=1)]
     jupyter: Jupyter = Field(default_factory=Jupyter)
     gpu: GPU | None = Field(None, description="NVIDIA driver, CUDA and framework builds.")
+    cpu_baseline: Literal[cpu.LEVELS] = Field(  # type: ignore[valid-type]
+        cpu.DEFAULT_LEVEL,
+        description="The oldest CPU the client runs, as an x86-64 level: v1 (any x86-64), v2 "
+        "(SSE4.2 and POPCNT, 2009 on; the default and NumPy 2.4's baseline), v3 (AVX2, 2015 "
+        "on) or v4 (AVX-512). The validator boots at this level and the lock refuses wheels "
+        "that need more.",
+    )
     security: Security = Field(default_factory=Security)
     monitoring: Monitoring = Field(default_factory=Monitoring)
     notebooks: list[str] = Field(

@@ -18,6 +18,7 @@ import hcl2
 import jinja2
 import yaml
 
+from factory import cpu, host
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config, hcl_string, shell_assignments
 from factory.keys import KeyPair
@@ -58,6 +59,8 @@ class BuildInputs:
     console_log: str
     build_key: KeyPair
     packer_version: tuple[int, int, int] = (1, 6, 6)
+    # Stages already run on the host, into the base image (see factory.assemble).
+    host_stages: tuple[str, ...] = ()
 
 
 def stage_scripts(loaded: LoadedProfile) -> list[str]:
@@ -79,19 +82,25 @@ def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     return template.render(
         offline=loaded.profile.offline,
         modern_packer=inputs.packer_version >= (1, 7, 0),
-        scripts=[f"provisioners/{name}" for name in stage_scripts(loaded)],
+        scripts=[
+            f"provisioners/{name}"
+            for name in stage_scripts(loaded)
+            if name not in inputs.host_stages
+        ],
     )
 
 
 def render_pkrvars(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     resources = loaded.profile.resources
+    vm = host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
     values: dict[str, str | int] = {
         "vm_name": f"{loaded.name}.qcow2",
         "base_image": inputs.base_image,
         "base_image_checksum": inputs.base_image_checksum,
         "accelerator": inputs.accelerator,
-        "cpus": min(resources.cpus, os.cpu_count() or 1),
-        "memory": max(resources.memory, 2048),
+        "cpus": vm.cpus,
+        "memory": vm.memory_mib,
+        "cpu_model": cpu.build_cpu_model(inputs.accelerator),
         "disk_size": f"{resources.disk}G",
         "output_directory": inputs.output_directory,
         "build_user": BUILD_USER,

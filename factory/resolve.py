@@ -20,8 +20,8 @@ import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
 from rattler.exceptions import SolverError
 
-from factory import gpu
-from factory.cache import cache_dir, inputs_key
+from factory import cpu, gpu
+from factory.cache import cache_dir, fetch_verified, inputs_key
 from factory.errors import FactoryError
 from factory.profile import Environment, LoadedProfile, package_name
 
@@ -312,7 +312,21 @@ def lock_profile(loaded: LoadedProfile, force: bool = False, log=print) -> dict[
         log(f"locking environment '{env.name}'")
         locks[env.name] = lock_environment(loaded, env, force=force)
     check_cuda_builds(loaded, locks)
+    cpu.check_locked_baselines(loaded.profile.cpu_baseline, locks, fetch_wheel)
     return locks
+
+
+def fetch_wheel(url: str, sha256: str) -> Path:
+    """A cached copy of a locked wheel, verified against its sha256."""
+    return fetch_verified(
+        url,
+        sha256,
+        "wheels",
+        lambda name, actual: (
+            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got {actual[:12]}…); "
+            "the index changed: run `factory lock --force`"
+        ),
+    )
 
 
 def check_cuda_builds(loaded: LoadedProfile, locks: dict[str, EnvLock]) -> None:

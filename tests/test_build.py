@@ -2,6 +2,7 @@
 publishing, and refusing to overwrite a delivery."""
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -150,3 +151,36 @@ def test_miniforge_renders_and_its_conda_path_is_in_the_payload(tmp_path, demo_c
     for line, package in zip(lines, lock.conda, strict=True):
         assert line.endswith(f"/{package.file_name}#{package.md5}")
         assert line.startswith("file:///tmp/factory-payload/channel/")
+
+
+def test_build_refuses_a_build_vm_larger_than_the_host(tmp_path, demo_channel):
+    """A profile that demands more build memory than this host can give stops in pre-flight
+    with one line naming what the host has and what was asked; nothing is built."""
+    from factory import host
+
+    limit = host.vm_memory_limit_mib()
+    profile = installer_profile(tmp_path, "{installer: rattler}")
+    text = profile.read_text().replace("disk: 8\n", "disk: 8\n  build_memory: 1048576\n")
+    profile.write_text(text)
+    outputs = tmp_path / "outputs"
+    started = time.monotonic()
+    result = run_factory("build", str(profile), "--outputs", str(outputs))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: resources.build_memory: 1048576 MiB does not fit this host, which can give a "
+        f"VM at most {limit} MiB (of {host._meminfo_mib()['MemTotal']} MiB); lower it or build "
+        "on a bigger host"
+    ], result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
+    assert [p.name for p in outputs.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_build_vm_is_capped_to_the_host_and_keeps_the_delivered_hardware():
+    from factory import host
+
+    vm = host.local_vm_size(cpus=64, memory_mib=1 << 20)
+    assert vm.memory_mib == host.vm_memory_limit_mib() and vm.cpus <= (os.cpu_count() or 1)
+    small = host.local_vm_size(cpus=1, memory_mib=512)
+    assert (small.cpus, small.memory_mib) == (1, host.VM_MIN_MEMORY_MIB)

@@ -208,6 +208,7 @@ def test_demo_validates(demo_validation, demo_delivery):
     report = json.loads((demo_delivery / "report.json").read_text())
     names = {c["name"] for c in report["checks"] if c["status"] == "passed"}
     for expected in (
+        "cpu: the VM runs at x86-64-v2 (QEMU model Nehalem)",
         "demo: python 3.11",
         "demo: imports tabulate",
         "demo: conda package six",
@@ -246,6 +247,12 @@ def test_demo_validates(demo_validation, demo_delivery):
         assert expected in names, expected
     for report_file in ("report.xml", "report.html"):
         assert (demo_delivery / report_file).stat().st_size > 0
+    cpu = report["subject"]["cpu"]
+    assert (cpu["model"], cpu["booted_level"], cpu["cpu_baseline"]) == (
+        "Nehalem",
+        "x86-64-v2",
+        "x86-64-v2",
+    )
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import host
+from factory import cpu, host
 from factory.errors import FactoryError
 from factory.profile import LoadedProfile, load_profile
 from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
@@ -66,11 +66,15 @@ def validate_delivery(
         log(f"extracting the disk from {ova.name}")
         disk = extract_ova_disk(ova, Path(scratch))
         resources = loaded.profile.resources
+        vm_size = host.local_vm_size(min(resources.cpus, 2), resources.memory)
+        cpu_choice = cpu.validation_cpu(loaded.profile.cpu_baseline, accel)
+        log(f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}")
         with boot_delivery(
             disk,
-            max(resources.memory, 2048),
-            min(resources.cpus, 2),
+            vm_size.memory_mib,
+            vm_size.cpus,
             accel,
+            cpu_model=cpu_choice.model,
             restrict_network=loaded.profile.offline,
             forward_ports=[*loaded.profile.open_ports(), probe_port],
             log=log,
@@ -98,6 +102,7 @@ def validate_delivery(
                     locks=_delivery_locks(delivery),
                     address=lambda port: ("127.0.0.1", vm.forwards[port]),
                     unlisted_port=probe_port,
+                    extra={"cpu": cpu_choice},
                     root_login_probe=lambda: _root_login_probe(target, vm),
                     password_login_probe=lambda: try_login(
                         "127.0.0.1",
@@ -115,6 +120,12 @@ def validate_delivery(
     subject = {
         "name": loaded.name,
         "target": f"{ova.name} booted under {accel}",
+        "cpu": {
+            "model": cpu_choice.model,
+            "booted_level": cpu_choice.level,
+            "cpu_baseline": cpu_choice.promised,
+            "accelerator": accel,
+        },
         "profile": str(loaded.path),
     }
     reports = write_reports(results, report_dir or delivery, subject)

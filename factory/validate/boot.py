@@ -90,6 +90,7 @@ def boot_delivery(
     memory_mib: int,
     cpus: int,
     accelerator: str,
+    cpu_model: str | None = None,
     restrict_network: bool = False,
     forward_ports: list[int] | None = None,
     timeout: float = 900,
@@ -127,7 +128,7 @@ def boot_delivery(
             )
             if restrict_network:
                 netdev += ",restrict=on"
-            command = ["qemu-system-x86_64", *host.qemu_accel_args(accelerator)]
+            command = ["qemu-system-x86_64", *host.qemu_accel_args(accelerator, cpu_model)]
             command += ["-m", str(memory_mib), "-smp", str(cpus)]
             command += ["-display", "none", "-serial", f"file:{console}"]
             command += ["-drive", f"file={overlay},if=virtio,format=qcow2"]

@@ -463,6 +463,7 @@ def check_offline(ctx: CheckContext) -> list[CheckResult]:
 
 
 SUITES = (
+    "cpu",
     "cloud-init",
     "env",
     "lock",
@@ -484,10 +485,11 @@ SUITES = (
 
 def run_all_checks(ctx: CheckContext, only: Iterable[str] = SUITES) -> list[CheckResult]:
     """Every check the profile implies, in a stable order; `only` names a subset of SUITES."""
-    from factory.validate import gpu, hardening
+    from factory.validate import cpu, gpu, hardening
 
     suites: list[tuple[str, Callable[[], list[CheckResult]]]] = [
-        ("cloud-init", lambda: check_cloud_init(ctx))
+        ("cpu", lambda: cpu.check_cpu_level(ctx)),
+        ("cloud-init", lambda: check_cloud_init(ctx)),
     ]
     suites += [
         ("env", lambda env=env: check_environment(ctx, env))

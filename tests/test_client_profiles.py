@@ -1,0 +1,81 @@
+"""The client profiles as written: each is built through the real chain on this host (its
+build VM capped to what the host can give) and validated at its cpu_baseline, its sample
+notebook included. The demo's own e2e tests are in test_e2e.py."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, require_root, run_factory
+
+pytestmark = pytest.mark.e2e
+
+CLIENT_PROFILES = {
+    "bank_credit_risk_v2": ("banking-credit-risk.ipynb", "credit-risk"),
+    "factory_predictive_maintenance_v1": (
+        "manufacturing-predictive-maintenance.ipynb",
+        "maintenance",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CLIENT_PROFILES))
+def client_delivery(request, demo_channel, tmp_path_factory):
+    """One client profile, unchanged, built and validated; (name, delivery, validation)."""
+    require_root()
+    name = request.param
+    outputs = tmp_path_factory.mktemp(f"outputs-{name}")
+    build = run_factory("build", str(REPO / "profiles" / f"{name}.yaml"), "--outputs", str(outputs))
+    print(build.stderr[-6000:], file=sys.stderr)
+    assert build.returncode == 0, build.stderr[-4000:]
+    delivery = outputs / name
+    validation = run_factory("validate", str(delivery))
+    print(validation.stdout, validation.stderr[-3000:], file=sys.stderr)
+    yield name, delivery, validation
+    subprocess.run(["rm", "-rf", str(outputs)], check=False)
+
+
+def test_client_profile_validates_with_its_notebook(client_delivery):
+    name, delivery, validation = client_delivery
+    assert validation.returncode == 0, validation.stdout[-6000:] + validation.stderr[-2000:]
+    report = json.loads((delivery / "report.json").read_text())
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    notebook, env = CLIENT_PROFILES[name]
+    assert statuses[f"notebooks: {notebook} runs headless"] == "passed"
+    assert statuses[f"{env}: environment exists"] == "passed"
+    assert statuses[f"{env}: matches its lock"] == "passed"
+    assert [n for n, s in statuses.items() if s == "failed"] == []
+    # Booted at the profile's level (the default, x86-64-v2), and the report says with what.
+    assert report["subject"]["cpu"]["model"] == "Nehalem"
+    assert statuses["cpu: the VM runs at x86-64-v2 (QEMU model Nehalem)"] == "passed"
+    assert "Nehalem" in (delivery / "report.html").read_text()
+
+
+def test_client_delivery_keeps_the_profiles_hardware(client_delivery):
+    """The build VM was cut to fit this host; the delivered OVF still asks for the profile's."""
+    name, delivery, _ = client_delivery
+    profile = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _PROFILE_RESOURCES, str(delivery / "profile.yaml")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    ovf = subprocess.run(
+        ["tar", "-xOf", str(delivery / f"{name}.ova"), f"{name}.ovf"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"<rasd:VirtualQuantity>{profile['cpus']}</rasd:VirtualQuantity>" in ovf
+    assert f"<rasd:VirtualQuantity>{profile['memory']}</rasd:VirtualQuantity>" in ovf
+
+
+_PROFILE_RESOURCES = """
+import json, sys
+from factory.profile import load_profile
+print(json.dumps(load_profile(sys.argv[1]).profile.resources.model_dump()))
+"""
