@@ -9,7 +9,7 @@ APT_PACKAGES := packer qemu-system-x86 qemu-utils mmdebstrap genisoimage cloud-i
 	$(shell cat tests/channel/apt-packages.txt 2>/dev/null)
 DEMO := outputs/demo_hello_v1
 
-.PHONY: demo test test-gpu setup apt venv channel lint clean
+.PHONY: demo test test-gpu test-hospital setup apt venv channel lint clean
 
 ## demo: set up the host, then take profiles/demo.yaml to a validated OVA in outputs/
 demo: setup channel
@@ -25,6 +25,10 @@ test: setup
 ## test-gpu: build and validate the GPU demo (driver 535 by DKMS; about 23 min under TCG once the GPU base layer is cached)
 test-gpu: setup channel
 	$(VENV)/bin/pytest -ra -m gpu_build tests/test_gpu.py
+
+## test-hospital: build and validate profiles/hospital_lung_nodule_v1.yaml as written (GPU driver, PyTorch)
+test-hospital: setup channel
+	$(VENV)/bin/pytest -ra -m hospital_build tests/test_client_profiles.py
 
 setup: apt venv
 

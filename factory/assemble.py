@@ -5,7 +5,7 @@ and the conda stage (`provisioners/20-conda-envs.sh`) only unpacks, links and co
 that stage runs here at native speed: the base image is grown to the profile's disk, its root
 file system is mounted, and the same script runs in a chroot with the image's own python3 and
 the payload at the same path as inside the VM. Packer then boots the result as its base and
-runs the other stages. Needs root (loop devices); without it the stage runs in the VM.
+runs the other stages. Needs root (loop devices), as the Debian base image does.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from factory.base import _Runner, _signals_deferred, _teardown, chroot_command
+from factory.errors import ToolError
 
 HOST_STAGE = "20-conda-envs.sh"
 PAYLOAD_IN_IMAGE = "tmp/factory-payload"
@@ -24,9 +25,19 @@ _TOOLS = ("losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs
 _LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}
 
 
-def host_assembly_available() -> bool:
-    """Whether this host can mount the image (root and the tools)."""
-    return os.geteuid() == 0 and all(shutil.which(tool) for tool in _TOOLS)
+def check_host() -> None:
+    """Refuse, in one line, a host that cannot mount the image."""
+    if os.geteuid() != 0:
+        raise ToolError(
+            "building needs root: the conda environments are installed into the image on this "
+            "host (loop device, mount, chroot); run factory as root (sudo -E factory ...)"
+        )
+    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise ToolError(
+            f"{', '.join(missing)} not found, needed to install the environments into the "
+            "image; install with: apt-get install -y fdisk e2fsprogs mount qemu-utils"
+        )
 
 
 def _root_partition(run: _Runner, raw: Path) -> tuple[int, dict, int]:

@@ -206,6 +206,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 f"{loaded.path.name} or pass --force to replace it"
             )
         check_free_disk(options.outputs, loaded)
+        assemble.check_host()
         resources = loaded.profile.resources
         vm = host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
         accelerator = host.choose_accelerator(options.accelerator)
@@ -225,21 +226,18 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 if source is not None:
                     conda_installer = fetch_conda_installer(*source, log=progress.log)
                 base_image = base_image_for(loaded, progress)
-                on_host = assemble.host_assembly_available()
-                packer_base = staging / "assembled.qcow2" if on_host else base_image
+                packer_base = staging / "assembled.qcow2"
                 with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
                     inputs = BuildInputs(
                         base_image=str(packer_base),
-                        # The assembled image is made in this staging folder just below.
-                        base_image_checksum="none"
-                        if on_host
-                        else f"sha256:{sha256_file(base_image)}",
+                        # Made in this staging folder just below, from the verified base.
+                        base_image_checksum="none",
                         accelerator=accelerator,
                         output_directory=str(staging / "packer-output"),
                         console_log=str(staging / "console.log"),
                         build_key=key,
                         packer_version=host.packer_version() or (1, 6, 6),
-                        host_stages=(assemble.HOST_STAGE,) if on_host else (),
+                        host_stages=(assemble.HOST_STAGE,),
                     )
                     progress.set_stage("render")
                     build_dir = render_build_dir(loaded, inputs, staging / "build")
@@ -250,21 +248,18 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                         log=progress.log,
                         conda_installer=conda_installer,
                     )
-                    if on_host:
-                        progress.set_stage("environments")
-                        assemble.assemble_environments(
-                            base_image,
-                            loaded.profile.resources.disk,
-                            build_dir,
-                            staging,
-                            log=progress.update,
-                            log_file=staging / "build.log",
-                        )
-                        for name in UNDELIVERED_PAYLOAD_DIRS:  # installed; the VM needs none
-                            if name != "tls":
-                                shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
-                    else:
-                        progress.log("not root: the conda stage runs inside the build VM")
+                    progress.set_stage("environments")
+                    assemble.assemble_environments(
+                        base_image,
+                        loaded.profile.resources.disk,
+                        build_dir,
+                        staging,
+                        log=progress.update,
+                        log_file=staging / "build.log",
+                    )
+                    for name in UNDELIVERED_PAYLOAD_DIRS:  # installed; the VM needs none
+                        if name != "tls":
+                            shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
                     run_packer(build_dir, key.private_key_file, staging / "build.log", progress)
                 progress.set_stage("export")
                 artifacts = export_delivery(loaded, staging, options, progress)

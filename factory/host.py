@@ -154,8 +154,8 @@ def _root_check() -> HostCheck:
         ok=is_root,
         detail="running as root"
         if is_root
-        else f"running as uid {os.geteuid()}; building the base image needs root "
-        "(mmdebstrap --mode=root, loop devices, mount)",
+        else f"running as uid {os.geteuid()}; building needs root (mmdebstrap --mode=root, "
+        "loop devices, mount, and a chroot that installs the environments into the image)",
         fix=None if is_root else "sudo -E factory <command> (run the factory as root)",
         required=True,
     )

@@ -28,7 +28,8 @@ from factory.resolve import image_environments
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKER_DIR = REPO_ROOT / "packer"
 PROVISIONERS_DIR = REPO_ROOT / "provisioners"
-# Ordered stages: each later stage depends on the ones before it (for layer caching).
+# Ordered stages: each later stage depends on the ones before it (for layer caching). The
+# conda stage runs on the host before the VM boots (BuildInputs.host_stages).
 STAGE_SCRIPTS = [
     "10-system.sh",
     "12-security.sh",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage: conda environments. Installs each locked environment from the shipped payload with
-# the rattler installer; nothing is solved or downloaded here.
+# the rattler installer; nothing is solved or downloaded here. It runs on the build host, in
+# a chroot of the image at native speed, before the build VM boots (factory/assemble.py).
 set -euo pipefail
 # shellcheck source=/dev/null
 . "$FACTORY_PAYLOAD/settings.sh"

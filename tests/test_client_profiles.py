@@ -79,3 +79,29 @@ import json, sys
 from factory.profile import load_profile
 print(json.dumps(load_profile(sys.argv[1]).profile.resources.model_dump()))
 """
+
+
+@pytest.mark.hospital_build
+def test_hospital_profile_builds_and_validates(tmp_path, demo_channel):
+    """The hospital profile as written (GPU driver by DKMS in its base layer, PyTorch with
+    CUDA 12.1): every check passes but GPU level 2, which is skipped without a GPU; the
+    notebook trains its CNN on the CPU. `make test-hospital`."""
+    require_root()
+    profile = REPO / "profiles" / "hospital_lung_nodule_v1.yaml"
+    build = run_factory("build", str(profile), "--outputs", str(tmp_path), timeout=10800)
+    print(build.stderr[-6000:], file=sys.stderr)
+    assert build.returncode == 0, build.stderr[-4000:]
+    delivery = tmp_path / "hospital_lung_nodule_v1"
+    validation = run_factory("validate", str(delivery), timeout=7200)
+    print(validation.stdout, validation.stderr[-3000:], file=sys.stderr)
+    assert validation.returncode == 0, validation.stdout[-6000:]
+    checks = {c["name"]: c for c in json.loads((delivery / "report.json").read_text())["checks"]}
+    for name in (
+        "gpu: driver 535 is installed",
+        "gpu: kernel module built for the booted kernel",
+        "notebooks: healthcare-lung-nodule.ipynb runs headless",
+        "lung-nodule: imports torch",
+    ):
+        assert checks[name]["status"] == "passed", checks[name]
+    skipped = [name for name, c in checks.items() if c["status"] == "skipped"]
+    assert skipped and all(name.startswith("gpu:") for name in skipped), skipped

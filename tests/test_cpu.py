@@ -8,7 +8,7 @@ from pathlib import Path
 
 from factory import cpu
 from factory.profile import load_profile
-from tests.conftest import run_factory
+from tests.conftest import DEMO_PROFILE, run_factory
 from tests.test_resolve import profile_with
 
 
@@ -79,3 +79,21 @@ def test_unknown_level_is_one_line(tmp_path, test_channel):
     result = run_factory("lock", str(path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cpu_baseline" in result.stderr and "x86-64-v2" in result.stderr
+
+
+def test_cpu_check_runs_against_this_machine():
+    """The validator's CPU check through the local target: this host has the default level,
+    and, read as a VM held at v2, it fails exactly when the host has AVX2."""
+    from factory.validate.checks import CheckContext, run_all_checks
+    from factory.validate.target import LocalTarget
+
+    loaded = load_profile(DEMO_PROFILE)
+    ctx = CheckContext(target=LocalTarget(), loaded=loaded, throwaway_vm=False)
+    (result,) = run_all_checks(ctx, only=("cpu",))
+    assert result.name == "cpu: this machine supports x86-64-v2 (the profile's cpu_baseline)"
+    assert result.status == "passed", result.detail
+    ctx.extra["cpu"] = cpu.validation_cpu("x86-64-v3", "tcg")
+    held, skipped = run_all_checks(ctx, only=("cpu",))
+    host_has_avx2 = " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    assert held.status == ("failed" if host_has_avx2 else "passed"), held.detail
+    assert skipped.status == "skipped" and "factory validate --host" in skipped.detail

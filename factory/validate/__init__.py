@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import cpu, host
+from factory import host
+from factory.cpu import validation_cpu
 from factory.errors import FactoryError
 from factory.profile import LoadedProfile, load_profile
 from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
@@ -67,7 +68,7 @@ def validate_delivery(
         disk = extract_ova_disk(ova, Path(scratch))
         resources = loaded.profile.resources
         vm_size = host.local_vm_size(min(resources.cpus, 2), resources.memory)
-        cpu_choice = cpu.validation_cpu(loaded.profile.cpu_baseline, accel)
+        cpu_choice = validation_cpu(loaded.profile.cpu_baseline, accel)
         log(f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}")
         with boot_delivery(
             disk,
