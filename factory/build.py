@@ -68,16 +68,28 @@ def build_lock(outputs: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_free_disk(outputs: Path, loaded: LoadedProfile) -> None:
-    """Refuse early when the build could fill the disk: the image may grow to its full size
-    while packer runs, and export needs room for the OVA beside it."""
-    needed_gib = loaded.profile.resources.disk + 2
+# What the Debian base image holds before any environment is installed.
+BASE_CONTENT_GIB = 1.5
+
+
+def check_free_disk(outputs: Path, loaded: LoadedProfile, payload_gib: float = 0.0) -> None:
+    """Refuse early when the build could fill the disk. The disk images are sparse: at its
+    peak the build holds the assembled image and packer's copy of it, each the base plus the
+    installed environments (about three times their packages, with the offline copies), never
+    more than the profile's disk; the export needs room beside them."""
+    content = BASE_CONTENT_GIB + 3 * payload_gib
+    needed_gib = round(min(loaded.profile.resources.disk, 2 * content) + 2, 1)
     free_gib = shutil.disk_usage(outputs).free / 2**30
     if free_gib < needed_gib:
         raise FactoryError(
             f"{outputs} has {free_gib:.1f} GiB free but building {loaded.name} needs about "
-            f"{needed_gib} GiB (resources.disk + 2); free some space or use --outputs elsewhere"
+            f"{needed_gib} GiB (its image twice, with {payload_gib:.1f} GiB of packages, and "
+            "room to export); free some space or use --outputs elsewhere"
         )
+
+
+def payload_size_gib(payload: Path) -> float:
+    return sum(p.stat().st_size for p in payload.rglob("*") if p.is_file()) / 2**30
 
 
 def gpu_base_packages(loaded: LoadedProfile) -> tuple[str, ...]:
@@ -247,6 +259,9 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                         build_dir / "payload",
                         log=progress.log,
                         conda_installer=conda_installer,
+                    )
+                    check_free_disk(
+                        options.outputs, loaded, payload_size_gib(build_dir / "payload")
                     )
                     progress.set_stage("environments")
                     assemble.assemble_environments(

@@ -26,6 +26,17 @@ DASHBOARD_PANELS = [
 ]
 
 
+CPU_LEVEL_HINTS = {
+    "x86-64-v1": "any x86-64 CPU",
+    "x86-64-v2": "SSE4.2 and POPCNT: Intel Nehalem or AMD Bulldozer and later; VMware EVC "
+    "'Intel Nehalem' or higher, Proxmox CPU type x86-64-v2-AES or host",
+    "x86-64-v3": "AVX2: Intel Haswell or AMD Zen and later; VMware EVC 'Intel Haswell' or "
+    "higher, Proxmox CPU type x86-64-v3 or host",
+    "x86-64-v4": "AVX-512: Intel Skylake-SP or AMD Zen 4 and later; Proxmox CPU type "
+    "x86-64-v4 or host",
+}
+
+
 def credentials_text(loaded: LoadedProfile) -> str:
     """How IT reads the first-boot secrets; none of them exists before the image boots."""
     profile = loaded.profile
@@ -63,6 +74,12 @@ def credentials_text(loaded: LoadedProfile) -> str:
         "  grafana-dashboard.json in this folder charts it.",
         "- Automatic security updates: "
         + ("on." if profile.security.unattended_upgrades else "off (your IT patches)."),
+        f"- CPU: the host must offer at least {profile.cpu_baseline} "
+        f"({CPU_LEVEL_HINTS[profile.cpu_baseline]}); the image was validated on a CPU of "
+        "exactly that level.",
+        "  A lower CPU compatibility setting (VMware EVC mode, Proxmox CPU type, Hyper-V's",
+        "  processor compatibility mode) can hide what its libraries need: NumPy then stops",
+        "  with an illegal instruction.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -157,7 +157,11 @@ def _wait_for_host_keys(process: subprocess.Popen, console: Path, deadline: floa
             if keys:
                 return keys
         time.sleep(2)
+    text = console.read_text(errors="replace") if console.exists() else ""
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1:] or ["(empty)"]
+    kept = Path(tempfile.mkdtemp(prefix="factory-boot-failed-")) / "console.log"
+    kept.write_text(text)
     raise FactoryError(
-        "the image did not print its SSH host keys on the serial console in time; "
-        "it may not have booted"
+        "the image did not print its SSH host keys on the serial console in time; its console "
+        f"ends with {last[0][:160]!r} (whole console: {kept})"
     )
