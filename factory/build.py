@@ -6,6 +6,7 @@ appears, by a rename, only when the whole build and export succeeded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -318,11 +319,15 @@ def export_delivery(
     delivery.mkdir()
     built = staging / "packer-output" / f"{loaded.name}.qcow2"
     hardware = virtual_hardware(loaded)
-    progress.update("writing the OVA")
-    ova = export.export_ova(built, hardware, delivery, digest=options.ova_digest, log=progress.log)
-    progress.update("moving the qcow2")
-    qcow2 = delivery / f"{loaded.name}.qcow2"
-    shutil.move(built, qcow2)
+    # Both conversions compress on one core each: run them side by side.
+    progress.update("writing the OVA and the compressed qcow2")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        compressing = pool.submit(export.export_qcow2, built, delivery, loaded.name, progress.log)
+        ova = export.export_ova(
+            built, hardware, delivery, digest=options.ova_digest, log=progress.log
+        )
+        qcow2 = compressing.result()
+    built.unlink()
     artifacts = [ova, qcow2]
     export.write_checksums(delivery, artifacts)
     write_delivered_profile(loaded, delivery)
