@@ -11,33 +11,37 @@ runs the other stages. Needs root (loop devices), as the Debian base image does.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from factory import host
 from factory.base import _Runner, _signals_deferred, _teardown, chroot_command
-from factory.errors import ToolError
 
 HOST_STAGE = "20-conda-envs.sh"
 PAYLOAD_IN_IMAGE = "tmp/factory-payload"
-_TOOLS = ("losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs", "qemu-img")
+_TOOLS = {  # command -> Debian package that provides it
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "chroot": "coreutils",
+    "sfdisk": "fdisk",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "qemu-img": "qemu-utils",
+}
 _LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}
 
 
 def check_host() -> None:
     """Refuse, in one line, a host that cannot mount the image."""
-    if os.geteuid() != 0:
-        raise ToolError(
-            "building needs root: the conda environments are installed into the image on this "
-            "host (loop device, mount, chroot); run factory as root (sudo -E factory ...)"
-        )
-    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
-    if missing:
-        raise ToolError(
-            f"{', '.join(missing)} not found, needed to install the environments into the "
-            "image; install with: apt-get install -y fdisk e2fsprogs mount qemu-utils"
-        )
+    host.require_root_and_tools(
+        "building",
+        "the conda environments are installed into the image on this host: loop device, "
+        "mount, chroot",
+        _TOOLS,
+        "run factory as root (sudo -E factory ...)",
+    )
 
 
 def _root_partition(run: _Runner, raw: Path) -> tuple[int, dict, int]:

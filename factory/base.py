@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from factory import host
 from factory.cache import cache_dir, inputs_key, sha256_file
 from factory.errors import FactoryError, ToolError
 from factory.processes import stop_gently
@@ -196,18 +197,12 @@ def _cached_ok(image: Path, sidecar: Path, log: Log, quiet: bool = False) -> boo
 
 
 def _check_build_host() -> None:
-    if os.geteuid() != 0:
-        raise ToolError(
-            "building the Debian base image needs root (mmdebstrap --mode=root, loop devices, "
-            "mount); run factory as root, or use a prebuilt cloud image via base.url"
-        )
-    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
-    if missing:
-        packages = " ".join(sorted({_TOOLS[tool] for tool in missing}))
-        raise ToolError(
-            f"{', '.join(missing)} not found, needed to build the Debian base image; "
-            f"install with: apt-get install -y {packages}"
-        )
+    host.require_root_and_tools(
+        "building the Debian base image",
+        "mmdebstrap --mode=root, loop devices, mount",
+        _TOOLS,
+        "run factory as root, or use a prebuilt cloud image via base.url",
+    )
 
 
 @contextlib.contextmanager

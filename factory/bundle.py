@@ -19,7 +19,7 @@ from pathlib import Path
 
 import rattler.index
 
-from factory.cache import cache_dir, fetch_verified
+from factory.cache import cache_dir, fetch_locked, fetch_verified
 from factory.errors import FactoryError
 from factory.resolve import EnvLock, pip_target_args
 
@@ -28,15 +28,7 @@ INSTALLER_PYTHON = "3.11"  # Debian 12's python3, which runs the installer insid
 
 def fetch_conda_package(url: str, sha256: str) -> Path:
     """Return a cached copy of a locked conda package, verified against its sha256."""
-    return fetch_verified(
-        url,
-        sha256,
-        "pkgs",
-        lambda name, actual: (
-            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got "
-            f"{actual[:12]}…); the channel changed: run `factory lock --force`"
-        ),
-    )
+    return fetch_locked(url, sha256, "pkgs")
 
 
 def _pip_download(requirements: Path, python: str, dest: Path, log) -> None:

@@ -96,3 +96,17 @@ def fetch_verified(
     finally:
         partial.unlink(missing_ok=True)
     return cached
+
+
+def fetch_locked(url: str, sha256: str, folder: str) -> Path:
+    """A cached copy of a file a lock names (conda package, wheel), verified against the
+    lock's sha256."""
+    return fetch_verified(
+        url,
+        sha256,
+        folder,
+        lambda name, actual: (
+            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got {actual[:12]}…); "
+            "its index changed: run `factory lock --force`"
+        ),
+    )

@@ -42,6 +42,20 @@ class HostCheck:
 # --------------------------------------------------------------------------- tools
 
 
+def require_root_and_tools(work: str, why_root: str, tools: dict[str, str], hint: str) -> None:
+    """Refuse in one line when `work` cannot run here: not root, or a tool missing. `tools`
+    maps each command to the Debian package that provides it."""
+    if os.geteuid() != 0:
+        raise ToolError(f"{work} needs root ({why_root}); {hint}")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        packages = " ".join(sorted({tools[tool] for tool in missing}))
+        raise ToolError(
+            f"{', '.join(missing)} not found, needed for {work}; "
+            f"install with: apt-get install -y {packages}"
+        )
+
+
 def _which(tool: str) -> str | None:
     """Find a tool on $PATH, then in the sbin directories a non-root $PATH often lacks."""
     found = shutil.which(tool)

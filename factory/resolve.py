@@ -21,7 +21,7 @@ from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Ve
 from rattler.exceptions import SolverError
 
 from factory import cpu, gpu
-from factory.cache import cache_dir, fetch_verified, inputs_key
+from factory.cache import cache_dir, fetch_locked, inputs_key
 from factory.errors import FactoryError
 from factory.profile import Environment, LoadedProfile, package_name
 
@@ -318,15 +318,7 @@ def lock_profile(loaded: LoadedProfile, force: bool = False, log=print) -> dict[
 
 def fetch_wheel(url: str, sha256: str) -> Path:
     """A cached copy of a locked wheel, verified against its sha256."""
-    return fetch_verified(
-        url,
-        sha256,
-        "wheels",
-        lambda name, actual: (
-            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got {actual[:12]}…); "
-            "the index changed: run `factory lock --force`"
-        ),
-    )
+    return fetch_locked(url, sha256, "wheels")
 
 
 def check_cuda_builds(loaded: LoadedProfile, locks: dict[str, EnvLock]) -> None:
