@@ -176,7 +176,7 @@ def debian_base_image(
                 log(f"{release}: built {image} in {seconds:.0f} s ({meta['size'] >> 20} MiB)")
                 return image
         finally:
-            _remove_workdir(workdir, log)
+            remove_unless_mounted(workdir, log)
 
 
 def _cached_ok(image: Path, sidecar: Path, log: Log, quiet: bool = False) -> bool:
@@ -230,8 +230,9 @@ def _mounts_under(path: Path) -> list[str]:
     return found
 
 
-def _remove_workdir(workdir: Path, log: Log) -> None:
-    # Never rmtree across a mount point: a leftover bind mount of /dev would empty the host's.
+def remove_unless_mounted(workdir: Path, log: Log) -> None:
+    """Remove a work folder, but never across a mount point: a leftover bind mount of /dev
+    would empty the host's."""
     busy = _mounts_under(workdir)
     if busy:
         log(f"not removing {workdir}: still mounted: {', '.join(busy)}; unmount, then delete it")
@@ -243,7 +244,7 @@ def _remove_stale_workdirs(base_dir: Path, name: str, log: Log) -> None:
     # Called with the lock held, so these belong to builds that died (e.g. SIGKILL).
     for stale in base_dir.glob(f".build-{name}-*"):
         if stale.is_dir():
-            _remove_workdir(stale, log)
+            remove_unless_mounted(stale, log)
 
 
 @contextlib.contextmanager

@@ -296,7 +296,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 print(f"build logs kept in {kept}", file=sys.stderr)
             raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            base.remove_unless_mounted(staging, log=lambda line: print(line, file=sys.stderr))
     return final
 
 

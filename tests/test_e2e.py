@@ -80,6 +80,27 @@ def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs):
     assert_lock_free(e2e_outputs, "demo_hello_v1")
 
 
+def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, e2e_outputs):
+    """SIGTERM while the environments install into the image on the host: the chroot's
+    processes stop, the image's file systems and loop device are released, nothing is kept."""
+    require_root()
+    stderr = interrupt_when(
+        ["build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs)],
+        "installing the conda environments on the host",
+        signal.SIGTERM,
+    )
+    assert "interrupted; nothing was published" in stderr
+    time.sleep(2)
+    assert str(e2e_outputs) not in Path("/proc/self/mounts").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(e2e_outputs) not in loops
+    leftover = subprocess.run(["pgrep", "-f", "install_env.py"], capture_output=True, text=True)
+    assert leftover.stdout == ""
+    assert not (e2e_outputs / "demo_hello_v1").exists()
+    assert not list(e2e_outputs.glob(".staging-*"))
+    assert_lock_free(e2e_outputs, "demo_hello_v1")
+
+
 def test_delivery_holds_every_artifact(demo_delivery):
     names = {p.name for p in demo_delivery.iterdir()}
     expected = {
