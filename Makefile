@@ -20,7 +20,7 @@ demo: setup channel
 ## test: set up the host, then run every test (the end-to-end build included)
 test: setup
 	$(VENV)/bin/ruff check factory tests benchmarks
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra --durations=30
 
 ## test-gpu: build and validate the GPU demo (driver 535 by DKMS; about 23 min under TCG once the GPU base layer is cached)
 test-gpu: setup channel
