@@ -62,43 +62,36 @@ def assert_lock_free(outputs: Path, name: str) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def interrupt_demo_build(outputs: Path, marker: str, sig: int) -> None:
+    """Interrupt a demo build at `marker`; it must say so and publish nothing."""
+    require_root()
+    stderr = interrupt_when(["build", str(DEMO_PROFILE), "--outputs", str(outputs)], marker, sig)
+    assert "interrupted; nothing was published" in stderr
+    time.sleep(2)
+    assert not (outputs / "demo_hello_v1").exists()
+    assert not list(outputs.glob(".staging-*"))
+    assert_lock_free(outputs, "demo_hello_v1")
+
+
 def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs):
     """Ctrl-C while packer boots the VM: no QEMU, no delivery, no staging, no lock. The demo
     build that follows (the demo_delivery fixture) is the next run, and it succeeds."""
-    require_root()
     before = qemu_pids()
-    stderr = interrupt_when(
-        ["build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs)],
-        "booting the base image",
-        signal.SIGINT,
-    )
-    assert "interrupted; nothing was published" in stderr
-    time.sleep(2)
+    interrupt_demo_build(e2e_outputs, "booting the base image", signal.SIGINT)
     assert qemu_pids() - before == set()
-    assert not (e2e_outputs / "demo_hello_v1").exists()
-    assert not list(e2e_outputs.glob(".staging-*"))
-    assert_lock_free(e2e_outputs, "demo_hello_v1")
 
 
 def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, e2e_outputs):
     """SIGTERM while the environments install into the image on the host: the chroot's
     processes stop, the image's file systems and loop device are released, nothing is kept."""
-    require_root()
-    stderr = interrupt_when(
-        ["build", str(DEMO_PROFILE), "--outputs", str(e2e_outputs)],
-        "installing the conda environments on the host",
-        signal.SIGTERM,
+    interrupt_demo_build(
+        e2e_outputs, "installing the conda environments on the host", signal.SIGTERM
     )
-    assert "interrupted; nothing was published" in stderr
-    time.sleep(2)
     assert str(e2e_outputs) not in Path("/proc/self/mounts").read_text()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(e2e_outputs) not in loops
     leftover = subprocess.run(["pgrep", "-f", "install_env.py"], capture_output=True, text=True)
     assert leftover.stdout == ""
-    assert not (e2e_outputs / "demo_hello_v1").exists()
-    assert not list(e2e_outputs.glob(".staging-*"))
-    assert_lock_free(e2e_outputs, "demo_hello_v1")
 
 
 def test_delivery_holds_every_artifact(demo_delivery):
