@@ -32,11 +32,13 @@ from factory.handover import write_handover
 from factory.keys import ephemeral_keypair
 from factory.profile import LoadedProfile
 from factory.progress import Progress
-from factory.render import BuildInputs, packer_env, render_build_dir
+from factory.render import BuildInputs, build_vm_size, packer_env, render_build_dir
 from factory.resolve import lock_dir_for, lock_profile
 
+# Payload parts the host-side install uses and the build VM never needs.
+HOST_ONLY_PAYLOAD_DIRS = ["channel", "wheels", "installer", "conda-installer"]
 # Payload parts left out of the delivery's copy of the build folder: large, or secret.
-UNDELIVERED_PAYLOAD_DIRS = ["channel", "wheels", "installer", "conda-installer", "tls"]
+UNDELIVERED_PAYLOAD_DIRS = [*HOST_ONLY_PAYLOAD_DIRS, "tls"]
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
         check_free_disk(options.outputs, loaded)
         assemble.check_host()
         resources = loaded.profile.resources
-        vm = host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
+        vm = build_vm_size(loaded)
         accelerator = host.choose_accelerator(options.accelerator)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=options.outputs))
         try:
@@ -251,6 +253,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                         build_key=key,
                         packer_version=host.packer_version() or (1, 6, 6),
                         host_stages=(assemble.HOST_STAGE,),
+                        vm=vm,
                     )
                     progress.set_stage("render")
                     build_dir = render_build_dir(loaded, inputs, staging / "build")
@@ -273,9 +276,8 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                         log=progress.update,
                         log_file=staging / "build.log",
                     )
-                    for name in UNDELIVERED_PAYLOAD_DIRS:  # installed; the VM needs none
-                        if name != "tls":
-                            shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+                    for name in HOST_ONLY_PAYLOAD_DIRS:
+                        shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
                     run_packer(build_dir, key.private_key_file, staging / "build.log", progress)
                 progress.set_stage("export")
                 artifacts = export_delivery(loaded, staging, options, progress)

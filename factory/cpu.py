@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from factory.errors import FactoryError
+
 LEVELS = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 DEFAULT_LEVEL = "x86-64-v2"
 # QEMU 7.2 has no x86-64-vN models; these named models have exactly each level's features.
@@ -164,8 +166,6 @@ def check_locked_baselines(
 ) -> None:
     """Refuse a locked wheel whose stated baseline is above `promised`. `fetch_wheel(url,
     sha256)` returns the wheel (cached)."""
-    from factory.errors import FactoryError
-
     for lock in locks.values():
         for package in lock.pip:
             if not states_baseline(package.name) or not package.url.endswith(".whl"):

@@ -243,10 +243,10 @@ def _meminfo_mib() -> dict[str, int]:
     return values
 
 
-def vm_memory_limit_mib() -> int:
+def vm_memory_limit_mib(info: dict[str, int] | None = None) -> int:
     """The most memory a VM may get here: total memory less what the host keeps, and never
     more than is available now."""
-    info = _meminfo_mib()
+    info = info or _meminfo_mib()
     available = info.get("MemAvailable", info["MemTotal"])
     return max(0, min(info["MemTotal"] - HOST_RESERVED_MIB, available - 1024))
 
@@ -260,8 +260,8 @@ class VMSize:
 def local_vm_size(cpus: int, memory_mib: int, requested_mib: int | None = None) -> VMSize:
     """A VM's size on this host: the profile's hardware capped to what the host can give.
     `requested_mib` is an explicit demand (resources.build_memory) that must fit as asked."""
-    limit = vm_memory_limit_mib()
-    total = _meminfo_mib()["MemTotal"]
+    info = _meminfo_mib()
+    limit, total = vm_memory_limit_mib(info), info["MemTotal"]
     if requested_mib is not None and requested_mib > limit:
         raise ToolError(
             f"resources.build_memory: {requested_mib} MiB does not fit this host, which can "

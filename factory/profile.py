@@ -72,9 +72,9 @@ class Resources(Strict):
         None,
         ge=2048,
         le=1048576,
-        description="Memory in MiB of the build and validation VMs on the build host. By "
-        "default they get `memory` capped to what the host can give; set this only when the "
-        "build needs more, and the build refuses a host that cannot give it.",
+        description="Memory in MiB of the build VM on the build host. By default it gets "
+        "`memory` capped to what the host can give (as the validation VM does); set this only "
+        "when the build needs more, and the build refuses a host that cannot give it.",
     )
 
 

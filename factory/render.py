@@ -62,6 +62,14 @@ class BuildInputs:
     packer_version: tuple[int, int, int] = (1, 6, 6)
     # Stages already run on the host, into the base image (see factory.assemble).
     host_stages: tuple[str, ...] = ()
+    # The build VM's size on this host; decided once, in pre-flight (build_vm_size).
+    vm: host.VMSize | None = None
+
+
+def build_vm_size(loaded: LoadedProfile) -> host.VMSize:
+    """The build VM: the profile's hardware capped to this host, or its build_memory."""
+    resources = loaded.profile.resources
+    return host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
 
 
 def stage_scripts(loaded: LoadedProfile) -> list[str]:
@@ -93,7 +101,7 @@ def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
 
 def render_pkrvars(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     resources = loaded.profile.resources
-    vm = host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
+    vm = inputs.vm or build_vm_size(loaded)
     values: dict[str, str | int] = {
         "vm_name": f"{loaded.name}.qcow2",
         "base_image": inputs.base_image,
