@@ -3,6 +3,7 @@ schema or reaches each target language (HCL, shell, cloud-init YAML, OVF XML) un
 
 import subprocess
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import hcl2
 import yaml
@@ -13,8 +14,9 @@ from pydantic import ValidationError
 
 from factory.escape import cloud_config
 from factory.export import VirtualHardware, _OvfDisk, render_ovf
+from factory.keys import KeyPair
 from factory.profile import LoadedProfile, Profile, load_profile
-from factory.render import render_pkrvars, render_settings
+from factory.render import BuildInputs, render_pkrvars, render_settings
 from tests.conftest import DEMO_PROFILE
 
 EXAMPLES = 1000
@@ -54,12 +56,14 @@ def profile_with(field: str, value: str) -> LoadedProfile | None:
     return LoadedProfile(profile=profile, path=DEMO.path, sha256=DEMO.sha256)
 
 
-class _Inputs:
-    base_image = "/b.qcow2"
-    base_image_checksum = "none"
-    accelerator = "tcg"
-    output_directory = "/o"
-    console_log = "/c"
+INPUTS = BuildInputs(
+    base_image="/b.qcow2",
+    base_image_checksum="none",
+    accelerator="tcg",
+    output_directory="/o",
+    console_log="/c",
+    build_key=KeyPair(private_key_file=Path("/k"), public_key="ssh-ed25519 AAAA"),
+)
 
 
 @SETTINGS
@@ -69,7 +73,7 @@ def test_hcl_pkrvars(field, value):
     if loaded is None:
         return
     parsed = hcl2.loads(
-        render_pkrvars(loaded, _Inputs()),
+        render_pkrvars(loaded, INPUTS),
         serialization_options=SerializationOptions(strip_string_quotes=True),
     )
     assert parsed[field] == value
