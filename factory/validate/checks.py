@@ -8,11 +8,21 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from factory.export import _XML_FORBIDDEN
 from factory.profile import BUILD_USER, Environment, LoadedProfile, package_name
 from factory.resolve import image_environments
 from factory.validate.target import Target
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+# Terminal escape sequences (CSI colours, OSC titles, two-character escapes), as nbclient's
+# tracebacks and other tools' stderr carry them.
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[0-~])")
+
+
+def printable_detail(text: str) -> str:
+    """A check's detail without terminal escapes or the characters XML cannot hold, so every
+    report (JSON, JUnit XML, HTML) can carry it."""
+    return _XML_FORBIDDEN.sub("", _ANSI_ESCAPE.sub("", text))
 
 
 @dataclass
@@ -22,6 +32,9 @@ class CheckResult:
     detail: str = ""
     seconds: float = 0.0
     group: str = "image"
+
+    def __post_init__(self) -> None:
+        self.detail = printable_detail(str(self.detail))
 
 
 @dataclass
