@@ -384,13 +384,68 @@ def keep_failure_logs(staging: Path, outputs: Path, name: str) -> Path | None:
 
 def publish(staging: Path, final: Path) -> None:
     """Move the finished delivery into place; a replaced one is removed only afterwards."""
+    replace_folder(staging / "delivery", final)
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put `new` at `final` by renames on one file system: `final` is the old folder or the
+    new one, never a half-written one. A replaced folder is removed only afterwards."""
     replaced = None
     if final.exists():
         replaced = final.with_name(f".replaced-{final.name}-{os.getpid()}")
         final.rename(replaced)
-    (staging / "delivery").rename(final)
+    new.rename(final)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+
+
+def render_target(outputs: Path, loaded: LoadedProfile, into: Path | None = None) -> Path:
+    """Where `factory render` writes: outputs/renders/<name>/ or --into, never the delivery."""
+    outputs = outputs.resolve()
+    target = (into or outputs / "renders" / loaded.name).resolve()
+    delivery = delivery_dir(outputs, loaded)
+    if target == delivery or delivery in target.parents:
+        raise FactoryError(
+            f"--into {target} is inside the delivery folder {delivery}; render somewhere else "
+            f"(the default is {outputs / 'renders' / loaded.name})"
+        )
+    if target.exists() and not (
+        target.is_dir() and (not any(target.iterdir()) or (target / "image.pkr.hcl").is_file())
+    ):
+        raise FactoryError(
+            f"--into {target} holds something other than a factory render; name a new or "
+            "empty folder"
+        )
+    return target
+
+
+def render_for_review(loaded: LoadedProfile, outputs: Path, into: Path | None = None) -> Path:
+    """`factory render`: the build folder a build would use, checked by `packer validate`,
+    for review. It holds the build lock, replaces its target in one rename and leaves the
+    client's TLS files out, as the delivery's copy of the build folder does."""
+    target = render_target(outputs, loaded, into)
+    with build_lock(outputs.resolve(), loaded.name):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".render-{loaded.name}-", dir=target.parent))
+        try:
+            base_image = loaded.profile.base
+            with ephemeral_keypair("factory-render") as key:
+                inputs = BuildInputs(
+                    base_image=base_image if isinstance(base_image, str) else base_image.url,
+                    base_image_checksum="none",
+                    accelerator="tcg",
+                    output_directory=str(target / "packer-output"),
+                    console_log=str(target / "console.log"),
+                    build_key=key,
+                    packer_version=host.packer_version() or (1, 6, 6),
+                )
+                build_dir = render_build_dir(loaded, inputs, scratch / "build")
+            for name in UNDELIVERED_PAYLOAD_DIRS:
+                shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+            replace_folder(build_dir, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
 
 
 def reexport_ova(delivery: Path, digest: str, progress: Progress) -> Path:

@@ -181,48 +181,19 @@ def bundle(profile: Path, outputs: Path) -> None:
 @cli.command()
 @click.argument("profile", type=click.Path(path_type=Path))
 @outputs_option
-def render(profile: Path, outputs: Path) -> None:
-    """Render the Packer build folder to outputs/<name>/build and validate it."""
-    import shutil
-    import tempfile
-
-    from factory.keys import ephemeral_keypair
+@click.option(
+    "--into",
+    type=click.Path(path_type=Path),
+    help="Folder to render into (default: <outputs>/renders/<name>); it is replaced.",
+)
+def render(profile: Path, outputs: Path, into: Path | None) -> None:
+    """Render the Packer build folder to outputs/renders/<name> and validate it. The
+    client's TLS files are left out; a delivery is never touched."""
+    from factory.build import render_for_review
     from factory.profile import load_profile
-    from factory.render import BuildInputs, render_build_dir
 
-    loaded = load_profile(profile)
-    target = outputs / loaded.name / "build"
-    outputs.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".render-{loaded.name}-", dir=outputs))
-    try:
-        with ephemeral_keypair("factory-render") as key:
-            inputs = BuildInputs(
-                base_image=str(
-                    loaded.profile.base
-                    if isinstance(loaded.profile.base, str)
-                    else loaded.profile.base.url
-                ),
-                base_image_checksum="none",
-                accelerator="tcg",
-                output_directory=str(outputs.resolve() / loaded.name / "packer-output"),
-                console_log=str(outputs.resolve() / loaded.name / "console.log"),
-                build_key=key,
-                packer_version=_packer_version(),
-            )
-            render_build_dir(loaded, inputs, scratch / "build")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        (scratch / "build").rename(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    target = render_for_review(load_profile(profile), outputs, into)
     click.echo(f"rendered and validated {target}")
-
-
-def _packer_version() -> tuple[int, int, int]:
-    from factory import host
-
-    return host.packer_version() or (1, 6, 6)
 
 
 @cli.command()

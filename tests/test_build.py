@@ -141,7 +141,7 @@ def test_miniforge_renders_and_its_conda_path_is_in_the_payload(tmp_path, demo_c
     result = run_factory("render", str(profile), "--outputs", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     settings = (
-        tmp_path / "out" / "demo_hello_v1" / "build" / "payload" / "settings.sh"
+        tmp_path / "out" / "renders" / "demo_hello_v1" / "payload" / "settings.sh"
     ).read_text()
     assert "INSTALLER=miniforge" in settings
     lock = lock_profile(load_profile(profile), log=lambda _: None)["demo"]
@@ -175,6 +175,23 @@ def test_build_refuses_a_build_vm_larger_than_the_host(tmp_path, demo_channel):
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
     assert [p.name for p in outputs.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_render_before_build_does_not_make_the_build_refuse(tmp_path, demo_channel):
+    """A render leaves outputs/<name>/ alone, so the build that follows gets past the
+    existing-delivery check (and stops, here, at the next pre-flight: a build VM too large)."""
+    profile = installer_profile(tmp_path, "{installer: rattler}")
+    outputs = tmp_path / "outputs"
+    rendered = run_factory("render", str(profile), "--outputs", str(outputs))
+    assert rendered.returncode == 0, rendered.stderr
+    profile.write_text(
+        profile.read_text().replace("disk: 8\n", "disk: 8\n  build_memory: 1048576\n")
+    )
+    result = run_factory("build", str(profile), "--outputs", str(outputs))
+    assert result.returncode == 1
+    assert "already holds a delivery" not in result.stderr
+    assert "resources.build_memory: 1048576 MiB does not fit this host" in result.stderr
+    assert not (outputs / "demo_hello_v1").exists()
 
 
 def test_build_vm_is_capped_to_the_host_and_keeps_the_delivered_hardware():

@@ -83,11 +83,54 @@ def test_modern_packer_gets_required_plugins(tmp_path):
     assert parse_hcl(text)["packer"][0]["required_plugins"]
 
 
-def test_cli_render_writes_build_folder(tmp_path):
+def test_cli_render_writes_outside_the_delivery_and_replaces_its_target(tmp_path):
+    """`factory render` writes outputs/renders/<name>/, never outputs/<name>/ (the delivery);
+    a second render replaces the first whole, and no scratch folder is left behind."""
     result = run_factory("render", str(DEMO_PROFILE), "--outputs", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "demo_hello_v1" / "build" / "image.pkr.hcl").is_file()
-    assert not list(tmp_path.glob(".render-*"))
+    target = tmp_path / "renders" / "demo_hello_v1"
+    assert (target / "image.pkr.hcl").is_file()
+    assert not (tmp_path / "demo_hello_v1").exists()
+    (target / "stale.txt").write_text("from an older render")
+    result = run_factory("render", str(DEMO_PROFILE), "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (target / "image.pkr.hcl").is_file() and not (target / "stale.txt").exists()
+    leftovers = [p.name for p in (tmp_path / "renders").iterdir()]
+    assert leftovers == ["demo_hello_v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo_hello_v1.lock", "renders"]
+
+
+def test_cli_render_into_a_folder_and_never_into_a_delivery(tmp_path):
+    into = tmp_path / "review"
+    result = run_factory(
+        "render", str(DEMO_PROFILE), "--outputs", str(tmp_path / "out"), "--into", str(into)
+    )
+    assert result.returncode == 0, result.stderr
+    assert (into / "image.pkr.hcl").is_file()
+    assert not (tmp_path / "out" / "renders").exists()
+    delivery = tmp_path / "out" / "demo_hello_v1"
+    delivery.mkdir()
+    for bad, message in (
+        (delivery / "build", "is inside the delivery folder"),
+        (tmp_path, "holds something other than a factory render"),
+    ):
+        result = run_factory(
+            "render", str(DEMO_PROFILE), "--outputs", str(tmp_path / "out"), "--into", str(bad)
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: --into ") and message in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert list(delivery.iterdir()) == []
+
+
+def test_cli_render_refuses_while_a_build_of_the_profile_holds_the_lock(tmp_path):
+    from factory.build import build_lock
+
+    with build_lock(tmp_path, "demo_hello_v1"):
+        result = run_factory("render", str(DEMO_PROFILE), "--outputs", str(tmp_path))
+    assert result.returncode == 1
+    assert "another build of demo_hello_v1 is running" in result.stderr
+    assert not (tmp_path / "renders" / "demo_hello_v1").exists()
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
@@ -181,7 +224,7 @@ def test_industry_profile_renders_and_packer_validates(name, tmp_path):
     """`factory render` (python-hcl2 parse-back and `packer validate`) on each example."""
     result = run_factory("render", f"profiles/{name}.yaml", "--outputs", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    build = tmp_path / name / "build"
+    build = tmp_path / "renders" / name
     settings = dict(
         line.split("=", 1)
         for line in (build / "payload" / "settings.sh").read_text().splitlines()
@@ -233,7 +276,7 @@ def test_gpu_profiles_render_with_the_driver_stage(base, tmp_path):
     path.write_text(text)
     result = run_factory("render", str(path), "--outputs", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    build = tmp_path / "out" / "demo_hello_gpu_v1" / "build"
+    build = tmp_path / "out" / "renders" / "demo_hello_gpu_v1"
     assert (build / "provisioners" / "15-gpu.sh").is_file()
     settings = (build / "payload" / "settings.sh").read_text()
     loaded = load_profile(path)
@@ -243,12 +286,8 @@ def test_gpu_profiles_render_with_the_driver_stage(base, tmp_path):
     assert gpu_base_packages(loaded) == (expected if base == "debian-12" else ())
 
 
-def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_path):
-    """A profile may supply the client's own certificate: it goes into the payload (key mode
-    0600), the delivered profile does not name it, and the delivery's copy of the build folder
-    leaves the tls folder out."""
-    from factory.build import UNDELIVERED_PAYLOAD_DIRS, write_delivered_profile
-
+def client_tls_profile(tmp_path: Path) -> Path:
+    """The demo profile with a client-supplied certificate and key (client.crt, client.key)."""
     subprocess.run(
         [
             "openssl",
@@ -275,6 +314,16 @@ def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_p
     path.write_text(
         f"extends: {DEMO_PROFILE}\njupyter: {{tls: {{certificate: client.crt, key: client.key}}}}\n"
     )
+    return path
+
+
+def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_path):
+    """A profile may supply the client's own certificate: it goes into the payload (key mode
+    0600), the delivered profile does not name it, and the delivery's copy of the build folder
+    leaves the tls folder out."""
+    from factory.build import UNDELIVERED_PAYLOAD_DIRS, write_delivered_profile
+
+    path = client_tls_profile(tmp_path)
     build = render_demo(tmp_path, path)
     key = build / "payload" / "tls" / "jupyter.key"
     assert key.read_bytes() == (tmp_path / "client.key").read_bytes()
@@ -286,6 +335,18 @@ def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_p
     assert "client.key" not in written.read_text()
     assert (delivery / "notebooks" / "demo-credit-score.ipynb").is_file()
     assert load_profile(written).profile.jupyter.tls is None
+
+
+def test_cli_render_leaves_the_client_tls_key_out(tmp_path):
+    """The client's private key never lands in outputs/, not even from `factory render`."""
+    path = client_tls_profile(tmp_path)
+    outputs = tmp_path / "outputs"
+    result = run_factory("render", str(path), "--outputs", str(outputs))
+    assert result.returncode == 0, result.stderr
+    assert (outputs / "renders" / "demo_hello_v1" / "payload" / "settings.sh").is_file()
+    secret = (tmp_path / "client.key").read_bytes()
+    files = [p for p in outputs.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name == "jupyter.key" or secret in p.read_bytes()]
 
 
 def test_credentials_tell_it_how_to_read_first_boot_secrets():
