@@ -1,25 +1,30 @@
-"""Build step 4a: assemble the conda environments on the host, into the base image.
+"""Build step 4a: on the host, upgrade the base image from its security suite and assemble
+the conda environments into it.
 
 Without KVM the build VM runs every instruction emulated, several times slower than the host,
 and the conda stage (`provisioners/20-conda-envs.sh`) only unpacks, links and copies files. So
 that stage runs here at native speed: the base image is grown to the profile's disk, its root
 file system is mounted, and the same script runs in a chroot with the image's own python3 and
-the payload at the same path as inside the VM. Packer then boots the result as its base and
-runs the other stages. Needs root (loop devices), as the Debian base image does.
+the payload at the same path as inside the VM. Before that, apt upgrades the image in the same
+chroot with the host's network, so offline builds are patched too, and the security index it
+used is kept for the delivery. Packer then boots the result as its base and runs the other
+stages. Needs root (loop devices), as the Debian base image does.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from factory import host
-from factory.base import _Runner, _signals_deferred, _teardown, chroot_command
+from factory import host, updates
+from factory.base import _grub_cfg, _Runner, _signals_deferred, _teardown, chroot_command
 
 HOST_STAGE = "20-conda-envs.sh"
 PAYLOAD_IN_IMAGE = "tmp/factory-payload"
+_APT = ("apt-get", "-q", "-y")  # chroot_command sets DEBIAN_FRONTEND
 _TOOLS = {  # command -> Debian package that provides it
     "losetup": "mount",
     "mount": "mount",
@@ -72,6 +77,49 @@ def _grow(run: _Runner, raw: Path, disk_gib: int) -> None:
     run("sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(number), str(raw), input=", +\n")
 
 
+def _kernels(mnt: Path) -> set[str]:
+    return {path.name.removeprefix("vmlinuz-") for path in (mnt / "boot").glob("vmlinuz-*")}
+
+
+def upgrade(run: _Runner, mnt: Path) -> updates.SecurityIndex | None:
+    """apt full-upgrade in the image mounted at `mnt` (its proc, sys and dev mounted); the
+    security index it upgraded against, or None when its sources have no security suite."""
+    policy = mnt / "usr/sbin/policy-rc.d"
+    # /etc/resolv.conf points here; /run is a tmpfs for the upgrade's length.
+    resolver = mnt / "run/systemd/resolve/stub-resolv.conf"
+    resolver.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolver)
+    policy.write_text("#!/bin/sh\n# factory: no service starts in the build chroot\nexit 101\n")
+    policy.chmod(0o755)
+    kernels = _kernels(mnt)
+    try:
+        run(*chroot_command(mnt), *_APT, "update")
+        run(*chroot_command(mnt), *_APT, "-o", "Dpkg::Options::=--force-confold", "full-upgrade")
+        codename = re.search(r"^VERSION_CODENAME=(\S+)", (mnt / "etc/os-release").read_text(), re.M)
+        index = updates.read_apt_lists(
+            mnt / "var/lib/apt/lists", codename.group(1) if codename else ""
+        )
+        run(*chroot_command(mnt), *_APT, "clean")
+    finally:
+        policy.unlink(missing_ok=True)
+        for entry in (mnt / "var/lib/apt/lists").glob("*"):
+            if entry.is_file() and entry.name != "lock":
+                entry.unlink()
+    new_kernels = _kernels(mnt) - kernels
+    grub = mnt / "boot/grub/grub.cfg"
+    own_grub = grub.exists() and grub.read_text().startswith("# Written by factory")
+    if new_kernels and own_grub:
+        # update-grub on a loop device writes no kernel entries: write ours for the new one.
+        root_uuid = re.search(r"--set=root (\S+)", grub.read_text())
+        kernel = max(
+            new_kernels, key=lambda k: [int(n) if n.isdigit() else 0 for n in re.split(r"[.-]", k)]
+        )
+        if root_uuid:
+            grub.write_text(_grub_cfg(root_uuid.group(1), kernel))
+            run.note(f"new kernel {kernel}: boot entry rewritten")
+    return index
+
+
 def assemble_environments(
     base_image: Path,
     disk_gib: int,
@@ -80,7 +128,9 @@ def assemble_environments(
     log: Callable[[str], None],
     log_file: Path,
 ) -> Path:
-    """Return a qcow2: `base_image` grown to `disk_gib` with the conda stage already run."""
+    """Return a qcow2: `base_image` grown to `disk_gib`, upgraded from its security suite, with
+    the conda stage already run. The security index used is written to work/security-index.json
+    (null when the image has no security suite)."""
     raw, mnt, result = work / "assemble.raw", work / "assemble-root", work / "assembled.qcow2"
     with open(log_file, "a") as logf:
         run = _Runner(logf, log_file, log)
@@ -107,10 +157,20 @@ def assemble_environments(
                 ("/dev", mnt / "dev", ["--bind"]),
                 ("proc", mnt / "proc", ["-t", "proc"]),
                 ("sysfs", mnt / "sys", ["-t", "sysfs"]),
+                ("tmpfs", mnt / "run", ["-t", "tmpfs"]),
                 (str(build_dir / "payload"), payload, ["--bind"]),
             ):
                 run("mount", *extra, source, str(target))
                 mounts.append(target)
+            run.step("upgrading the image from its security suite (on the host)")
+            index = upgrade(run, mnt)
+            (work / updates.INDEX_FILE).write_text(
+                json.dumps(index.to_json() if index else None, indent=1) + "\n"
+            )
+            if index is None:
+                run.step("the image's apt sources name no security suite: it is not patched")
+            else:
+                run.step(f"upgraded against {index.suite} of {index.date}")
             run.step("installing the conda environments on the host (native speed)")
             script = (build_dir / "provisioners" / HOST_STAGE).read_text()
             run(*chroot_command(mnt), f"FACTORY_PAYLOAD=/{PAYLOAD_IN_IMAGE}", "bash", "-s",

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from factory import host
+from factory import host, updates
 from factory.cache import cache_dir, inputs_key, sha256_file
 from factory.errors import FactoryError, ToolError
 from factory.processes import stop_gently
@@ -121,6 +121,9 @@ def debian_base_image(
         "release": release,
         "suite": suite,
         "mirror": mirror,
+        "sources": updates.apt_sources(mirror, suite, COMPONENTS.split(",")),
+        # A newly published security update makes a new base layer.
+        "security_index": updates.index_state(mirror, suite, COMPONENTS.split(",")),
         "components": COMPONENTS,
         "packages": sorted({*DEBIAN_PACKAGES, *extra_packages}),
         "disk_size_gib": DISK_SIZE_GIB,
@@ -152,7 +155,7 @@ def debian_base_image(
                 log(f"{release}: building base image (full log: {logfile})")
                 with open(logfile, "w", encoding="utf-8") as logf:
                     runner = _Runner(logf, logfile, log)
-                    built = _build(workdir, suite, mirror, runner, inputs["packages"])
+                    built = _build(workdir, suite, inputs["sources"], runner, inputs["packages"])
                     seconds = round(time.monotonic() - started, 1)
                     log(f"{release}: checksumming the image")
                     meta = {
@@ -344,22 +347,24 @@ class _Runner:
 # The build recipe. Its functions' syntax trees (not formatting or comments) key the cache.
 
 
-def _build(workdir: Path, suite: str, mirror: str, run: _Runner, packages: list[str]) -> Path:
+def _build(
+    workdir: Path, suite: str, sources: list[str], run: _Runner, packages: list[str]
+) -> Path:
     rootfs = workdir / "rootfs.tar"
     raw = workdir / "disk.raw"
     mnt = workdir / "mnt"
     qcow2 = workdir / "disk.qcow2"
 
-    run.step(f"mmdebstrap {suite} from {mirror} (a few minutes)")
+    run.step(f"mmdebstrap {suite} with its updates and security suites (a few minutes)")
+    # Naming a mirror turns off mmdebstrap's own updates and security entries: list all three.
     run(
         "mmdebstrap",
         "--variant=minbase",
         "--mode=root",
-        f"--components={COMPONENTS}",
         "--include=" + ",".join(packages),
         suite,
         str(rootfs),
-        mirror,
+        *sources,
     )
 
     run.step(f"partitioning a {DISK_SIZE_GIB} GiB disk")
@@ -513,6 +518,8 @@ def _configure_rootfs(mnt: Path, root_uuid: str, run: _Runner) -> str:
         mnt / "etc/cloud/cloud.cfg.d/90-factory-datasource.cfg",
         "datasource_list: [ NoCloud, None ]\n",
     )
+    # Without a seed (an importer's first boot) cloud-init would create its default user.
+    _write(mnt / "etc/cloud/cloud.cfg.d/91-factory-no-default-user.cfg", "users: []\n")
     # Host keys are deleted below; cloud-init normally regenerates them, this covers the rest.
     _write(
         mnt / "etc/systemd/system/factory-ssh-hostkeys.service",

@@ -41,15 +41,27 @@ def credentials_text(loaded: LoadedProfile) -> str:
     """How IT reads the first-boot secrets; none of them exists before the image boots."""
     profile = loaded.profile
     admin = profile.admin.user
+    if profile.jupyter.tls:
+        baked = [
+            "No password or token is baked into this image. It does carry the private key of",
+            "the TLS certificate you supplied (/etc/factory/tls/jupyter.key, root only): keep",
+            "the OVA and qcow2 as confidential as that key. On its first boot the machine makes",
+            "its own SSH host keys and Jupyter token.",
+        ]
+    else:
+        baked = [
+            "No password, token or private key is baked into this image. On its first boot the",
+            "machine makes its own SSH host keys, Jupyter token and a self-signed TLS",
+            "certificate.",
+        ]
     lines = [
         f"# {loaded.name}: access and credentials",
         "",
-        "No password, token or private key is baked into this image. On its first boot the",
-        "machine makes its own SSH host keys, Jupyter token and (unless the profile supplied",
-        "the client's certificate) a self-signed TLS certificate.",
+        *baked,
         "",
         f"- SSH: `ssh {admin}@HOST` with a key listed in the profile (passwords and root login",
-        "  are refused).",
+        f"  are refused). {admin} is the only login account, also when the VM is imported",
+        "  without a cloud-init seed.",
     ]
     if profile.jupyter.enabled:
         lines += [
@@ -57,6 +69,7 @@ def credentials_text(loaded: LoadedProfile) -> str:
             f"{admin} only;",
             "  the service reads /etc/factory/jupyter.env, readable by root only).",
             "- Jupyter: open `https://HOST/` and paste the token. Plain HTTP redirects to HTTPS.",
+            f"- New token: `ssh {admin}@HOST sudo factory-rotate-token` (Jupyter restarts).",
             "- TLS certificate fingerprint, to compare with what the browser shows:",
             f"  `ssh {admin}@HOST openssl x509 -in /etc/factory/tls/jupyter.crt -noout "
             "-fingerprint -sha256`",
@@ -69,9 +82,14 @@ def credentials_text(loaded: LoadedProfile) -> str:
         "`sudo ausearch -k factory-sudo`, `-k factory-login`, `-k factory-jupyter-token`;",
         "  the persistent journal (`journalctl`); Jupyter access in "
         "/var/log/nginx/jupyter-access.log.",
+        "  Audit logs are never deleted: size the disk for the period, or ship them to your log",
+        "  server. When the disk runs short auditd warns in syslog, and at its last 50 MB it",
+        "  takes the machine to single-user mode rather than stop recording.",
         "- Monitoring: the Prometheus node exporter answers on "
         + ("port 9100." if profile.monitoring.enabled else "127.0.0.1:9100 (not exposed)."),
         "  grafana-dashboard.json in this folder charts it.",
+        "- Security updates: the image holds every Debian security update published when it",
+        "  was built (security-index.json in this folder names the index and its date).",
         "- Automatic security updates: "
         + ("on." if profile.security.unattended_upgrades else "off (your IT patches)."),
         f"- CPU: the host must offer at least {profile.cpu_baseline} "

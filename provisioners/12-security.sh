@@ -42,7 +42,8 @@ LLMNR=no
 MulticastDNS=no
 CONF
 
-# auditd: logins, sudo, changes to accounts and sshd, and reads of the Jupyter token.
+# auditd: logins, sudo, accounts, sshd, PAM, time, kernel modules, commands people run as
+# root, and reads of the Jupyter token. The rules are locked until the next boot (-e 2).
 cat > /etc/audit/rules.d/50-factory.rules <<'RULES'
 ## Installed by factory: what a compliance review asks for.
 -w /var/log/wtmp -p wa -k factory-login
@@ -56,22 +57,39 @@ cat > /etc/audit/rules.d/50-factory.rules <<'RULES'
 -w /etc/group -p wa -k factory-accounts
 -w /etc/ssh/sshd_config -p wa -k factory-sshd
 -w /etc/ssh/sshd_config.d/ -p wa -k factory-sshd
+-w /etc/pam.d/ -p wa -k factory-pam
 -w /etc/factory/jupyter.env -p r -k factory-jupyter-token
+-a always,exit -F arch=b64 -S adjtimex,settimeofday,clock_settime -k factory-time
+-w /etc/localtime -p wa -k factory-time
+-a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k factory-modules
+-a always,exit -F arch=b64 -S execve -F euid=0 -F auid>=1000 -F auid!=unset -k factory-root-commands
 RULES
-# Audit logs rotate at 50 MB; enough files are kept for the retention the profile asks for.
-num_logs=$(( AUDIT_RETENTION_DAYS < 99 ? AUDIT_RETENTION_DAYS + 1 : 99 ))
-sed -i -e "s/^max_log_file_action = .*/max_log_file_action = ROTATE/" \
-    -e "s/^num_logs = .*/num_logs = $num_logs/" \
-    -e "s/^max_log_file = .*/max_log_file = 50/" /etc/audit/auditd.conf
+cat > /etc/audit/rules.d/99-factory-lock.rules <<'RULES'
+## Installed by factory: no rule changes until the next boot.
+-e 2
+RULES
+# Audit logs rotate at 50 MB and are never deleted, so the retention the profile asks for holds
+# until the disk runs short: then auditd warns in syslog, and at the last 50 MB it takes the
+# machine to single-user mode rather than stop recording (Debian's default is to suspend).
+sed -i -e "s/^max_log_file_action = .*/max_log_file_action = KEEP_LOGS/" \
+    -e "s/^max_log_file = .*/max_log_file = 50/" \
+    -e "s/^space_left_action = .*/space_left_action = SYSLOG/" \
+    -e "s/^admin_space_left_action = .*/admin_space_left_action = SINGLE/" \
+    -e "s/^disk_full_action = .*/disk_full_action = SINGLE/" \
+    -e "s/^disk_error_action = .*/disk_error_action = SYSLOG/" /etc/audit/auditd.conf
 systemctl enable auditd.service
 
-# journald: persistent, kept for the retention period.
+# journald: persistent, kept for the retention period. Its size caps are explicit (a quarter of
+# the root file system, keeping 10% free) so that the default 4 GiB cap does not cut it short.
+root_mib=$(df --output=size -BM / | tail -1 | tr -dc 0-9)
 install -d -m 755 /etc/systemd/journald.conf.d
 cat > /etc/systemd/journald.conf.d/50-factory.conf <<CONF
 # Installed by factory: logins, sudo and service logs survive reboots for the review period.
 [Journal]
 Storage=persistent
 MaxRetentionSec=${AUDIT_RETENTION_DAYS}day
+SystemMaxUse=$(( root_mib / 4 ))M
+SystemKeepFree=$(( root_mib / 10 ))M
 CONF
 install -d -m 2755 -g systemd-journal /var/log/journal
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factory import export
+from factory import export, updates
 from factory.build import virtual_hardware
 from factory.cache import sha256_file
 from factory.profile import load_profile
@@ -270,19 +270,25 @@ def test_demo_validates(demo_validation, demo_delivery):
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):
-    """One boot, four broken promises: an image with root login switched back on, a profile
-    that promises a package and an NVIDIA driver the image lacks, and a lock that names a
-    version the image does not hold. Within the groups they touch, exactly the checks of
-    those four fail, and GPU level 2 is reported as skipped (no GPU), never as passed."""
+    """Six broken promises: an image with root login switched back on, that creates cloud-init's
+    default account when imported without a seed, and whose dpkg database holds one package
+    older than its security index with no security suite in its sources; a profile that
+    promises a package and an NVIDIA driver the image lacks, and a lock that names a version
+    the image does not hold. Within the groups they touch, exactly the checks of those fail,
+    and GPU level 2 is reported as skipped (no GPU), never as passed."""
     assert demo_validation.returncode == 0
     copy = tmp_path / "demo_hello_v1"
     copy.mkdir()
     for name in ("locks", "notebooks"):
         shutil.copytree(demo_delivery / name, copy / name)
+    shutil.copy2(demo_delivery / updates.INDEX_FILE, copy / updates.INDEX_FILE)
+    index = updates.SecurityIndex.from_json(json.loads((copy / updates.INDEX_FILE).read_text()))
     raw = raw_copy(demo_delivery / "demo_hello_v1.qcow2", tmp_path / "disk.raw")
     with mounted_root(raw) as root:
-        config = root / "etc/ssh/sshd_config.d/50-factory.conf"
+        config = next((root / "etc/ssh/sshd_config.d").glob("*-factory.conf"))
         config.write_text(config.read_text().replace("PermitRootLogin no", "PermitRootLogin yes"))
+        (root / "etc/cloud/cloud.cfg.d/91-factory-no-default-user.cfg").unlink()
+        unpatched = unpatch_one_package(root, index)
     export.export_ova(raw, virtual_hardware(load_profile(demo_delivery / "profile.yaml")), copy)
     raw.unlink()
     lock_path = copy / "locks" / "demo.lock.json"
@@ -298,7 +304,7 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     report_dir = tmp_path / "reports"
     # The groups the broken promises touch; every other group passed on the unmodified image
     # (test_demo_validates), and skipping them keeps this second boot short.
-    only = "cpu,env,lock,ssh,credentials,gpu"
+    only = "importer,cpu,env,lock,ssh,updates,credentials,gpu"
     result = run_factory("validate", str(copy), "--report-dir", str(report_dir), "--only", only)
     assert result.returncode == 1
     assert "demo: imports requests" in result.stderr
@@ -310,13 +316,39 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
         "gpu: driver 535 is installed",
         "gpu: kernel module built for the booted kernel",
         "gpu: nvidia-smi is present",
+        "importer: no account beyond the profile's",
         "ssh: root login with an authorised key is refused",
         "ssh: sshd denies root login",
+        f"updates: every security update of {index.suite} ({index.date}) is installed",
     ], failed
+    details = {c["name"]: c["detail"] for c in report["checks"]}
+    assert "unexpected: debian" in details["importer: no account beyond the profile's"]
+    assert unpatched in details[failed[-1]]
     level2 = next(c for c in report["checks"] if c["name"] == "gpu: nvidia-smi lists the device")
     assert (level2["status"], level2["detail"]) == ("skipped", "skipped: no GPU on this machine")
     detail = next(c["detail"] for c in report["checks"] if c["name"] == "demo: matches its lock")
     assert "six 1.17.0 (lock 0.0.1)" in detail
+
+
+def unpatch_one_package(root: Path, index: updates.SecurityIndex) -> str:
+    """Make the image look built without its security suite: drop the suite from its apt
+    sources, and record in dpkg's database an installed package of the index at an older
+    version. Returns the line the updates check must report."""
+    sources = root / "etc/apt/sources.list"
+    sources.write_text(
+        "".join(line for line in sources.read_text().splitlines(True) if "-security" not in line)
+    )
+    status = root / "var/lib/dpkg/status"
+    stanzas = status.read_text().split("\n\n")
+    for number, stanza in enumerate(stanzas):
+        name = re.search(r"^Package: (\S+)$", stanza, re.M)
+        version = re.search(r"^Version: (\S+)$", stanza, re.M)
+        if name and version and index.packages.get(name.group(1)) == version.group(1):
+            older = f"{version.group(1)}~unpatched"
+            stanzas[number] = stanza.replace(f"Version: {version.group(1)}", f"Version: {older}")
+            status.write_text("\n\n".join(stanzas))
+            return f"{name.group(1)} {older} < {version.group(1)}"
+    raise AssertionError("no installed package is at its security index's version")
 
 
 def test_exported_environments_match_the_lock(demo_validation, demo_delivery):

@@ -12,6 +12,7 @@ from factory import host
 from factory.cpu import validation_cpu
 from factory.errors import FactoryError
 from factory.profile import LoadedProfile, load_profile
+from factory.updates import INDEX_FILE, SecurityIndex
 from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
 from factory.validate.checks import (
     FAILED,
@@ -21,6 +22,7 @@ from factory.validate.checks import (
     CheckResult,
     run_all_checks,
 )
+from factory.validate.importer import check_importer_boot
 from factory.validate.report import write_reports
 from factory.validate.target import LocalTarget, Target, connect, try_login
 
@@ -70,6 +72,10 @@ def validate_delivery(
         vm_size = host.local_vm_size(min(resources.cpus, 2), resources.memory)
         cpu_choice = validation_cpu(loaded.profile.cpu_baseline, accel)
         log(f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}")
+        first: list[CheckResult] = []
+        if "importer" in only:
+            log("booting the disk as an importer does: no seed disk")
+            first = _importer_boot(disk, loaded, vm_size, accel, cpu_choice.model, log)
         with boot_delivery(
             disk,
             vm_size.memory_mib,
@@ -103,7 +109,7 @@ def validate_delivery(
                     locks=_delivery_locks(delivery),
                     address=lambda port: ("127.0.0.1", vm.forwards[port]),
                     unlisted_port=probe_port,
-                    extra={"cpu": cpu_choice},
+                    extra={"cpu": cpu_choice, **_delivery_security_index(delivery)},
                     root_login_probe=lambda: _root_login_probe(target, vm),
                     password_login_probe=lambda: try_login(
                         "127.0.0.1",
@@ -114,7 +120,7 @@ def validate_delivery(
                     ),
                 )
                 log("running checks")
-                results = [login, *run_all_checks(ctx, only)]
+                results = [*first, login, *run_all_checks(ctx, only)]
             finally:
                 target.close()
         boot_seconds = vm.boot_seconds
@@ -137,6 +143,25 @@ def validate_delivery(
 def unlisted_port(loaded: LoadedProfile) -> int:
     """A port the profile does not open, to prove the firewall drops it."""
     return next(p for p in range(7777, 8000) if p not in loaded.profile.open_ports())
+
+
+def _importer_boot(disk, loaded, vm_size, accel, cpu_model, log) -> list[CheckResult]:
+    try:
+        return check_importer_boot(
+            disk, loaded, vm_size.memory_mib, vm_size.cpus, accel, cpu_model, log=log
+        )
+    except FactoryError as error:
+        return [CheckResult("importer: boots without a seed", FAILED, str(error), group="importer")]
+
+
+def _delivery_security_index(delivery: Path) -> dict:
+    """{"security_index": the index the image was upgraded against (None: it had none)}, or
+    {} for a delivery made before factory recorded one."""
+    path = delivery / INDEX_FILE
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {"security_index": SecurityIndex.from_json(data) if data else None}
 
 
 def _delivery_locks(delivery: Path) -> list[dict]:

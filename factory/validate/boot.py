@@ -36,6 +36,7 @@ class BootedVM:
     console_log: Path
     boot_seconds: float
     forwards: dict[int, int]  # guest TCP port -> host port on 127.0.0.1
+    agent_socket: Path | None = None  # the QEMU guest agent's channel, when it has one
 
 
 def extract_ova_disk(ova: Path, dest: Path) -> Path:
@@ -94,9 +95,12 @@ def boot_delivery(
     restrict_network: bool = False,
     forward_ports: list[int] | None = None,
     timeout: float = 900,
+    seed: bool = True,
     log=print,
 ) -> Iterator[BootedVM]:
-    """Boot `disk` (read-only, through an overlay) and yield once its host keys are known."""
+    """Boot `disk` (read-only, through an overlay) and yield once its host keys are known.
+    With `seed`, a NoCloud seed disk adds the validator's login; without it the VM boots as an
+    importer's does, and the guest agent's channel is its only way in."""
     work = Path(tempfile.mkdtemp(prefix="factory-validate-"))
     process: subprocess.Popen | None = None
     try:
@@ -118,7 +122,6 @@ def boot_delivery(
                 ],
                 check=True,
             )
-            seed = _seed_iso(work, key)
             forwards = {guest: _free_port() for guest in {22, *(forward_ports or [])}}
             port = forwards[22]
             console = work / "console.log"
@@ -132,7 +135,18 @@ def boot_delivery(
             command += ["-m", str(memory_mib), "-smp", str(cpus)]
             command += ["-display", "none", "-serial", f"file:{console}"]
             command += ["-drive", f"file={overlay},if=virtio,format=qcow2"]
-            command += ["-drive", f"file={seed},if=virtio,format=raw,readonly=on"]
+            agent = None
+            if seed:
+                seed_iso = _seed_iso(work, key)
+                command += ["-drive", f"file={seed_iso},if=virtio,format=raw,readonly=on"]
+            else:
+                agent = work / "agent.sock"
+                command += ["-chardev", f"socket,path={agent},server=on,wait=off,id=agent"]
+                command += ["-device", "virtio-serial"]
+                command += [
+                    "-device",
+                    "virtserialport,chardev=agent,name=org.qemu.guest_agent.0",
+                ]
             command += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
             log(f"booting {disk.name} ({accelerator}, ssh on 127.0.0.1:{port})")
             started = time.monotonic()
@@ -140,7 +154,8 @@ def boot_delivery(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
             )
             keys = _wait_for_host_keys(process, console, started + timeout)
-            yield BootedVM(port, keys, key, console, time.monotonic() - started, forwards)
+            seconds = time.monotonic() - started
+            yield BootedVM(port, keys, key, console, seconds, forwards, agent)
     finally:
         if process is not None:
             stop_gently(process, 20)

@@ -10,6 +10,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from factory import updates
 from factory.escape import shell_word
 from factory.validate.checks import (
     FAILED,
@@ -352,12 +353,36 @@ def check_audit(ctx: CheckContext) -> list[CheckResult]:
     ).stdout
     retention = re.findall(r"^MaxRetentionSec=(\S+)", config, re.M)
     rotate = re.findall(r"^\s*rotate (\d+)", config, re.M)
+    max_use = re.findall(r"^SystemMaxUse=(\S+)", config, re.M)
+    auditd = dict(
+        re.findall(
+            r"^(\w+) = (\S+)$", ctx.target.run("sudo cat /etc/audit/auditd.conf").stdout, re.M
+        )
+    )
     results.append(
         _result(
             f"audit: logs are kept {days} days",
             retention[-1:] == [f"{days}day"]
+            and bool(max_use)
+            and auditd.get("max_log_file_action", "").upper() == "KEEP_LOGS"
             and (not ctx.loaded.profile.jupyter.enabled or rotate == [str(days)]),
-            f"journald MaxRetentionSec {retention[-1:] or 'unset'}; nginx rotate {rotate}",
+            f"journald MaxRetentionSec {retention[-1:] or 'unset'}, SystemMaxUse "
+            f"{max_use[-1:] or 'default (10% of the disk, at most 4 GiB)'}; auditd "
+            f"max_log_file_action {auditd.get('max_log_file_action', 'unset')}; "
+            f"nginx rotate {rotate}",
+            group,
+        )
+    )
+    status = ctx.target.run("sudo auditctl -s").stdout
+    enabled = re.search(r"^enabled (\d)", status, re.M)
+    actions = ("space_left_action", "admin_space_left_action", "disk_full_action")
+    suspends = [k for k in actions if auditd.get(k, "SUSPEND").upper() in ("SUSPEND", "IGNORE")]
+    results.append(
+        _result(
+            "audit: rules are locked and auditd never stops recording silently",
+            enabled is not None and enabled.group(1) == "2" and not suspends,
+            f"auditctl enabled {enabled.group(1) if enabled else 'unknown'} (2: locked); "
+            + "; ".join(f"{k} {auditd.get(k, 'SUSPEND')}" for k in actions),
             group,
         )
     )
@@ -376,20 +401,74 @@ def check_audit(ctx: CheckContext) -> list[CheckResult]:
     return results
 
 
+SECURITY_SOURCES = (
+    "cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources "
+    "2>/dev/null | grep -E '^[^#]*-security' || true"
+)
+
+
 def check_updates(ctx: CheckContext) -> list[CheckResult]:
+    return [_security_updates_installed(ctx), _automatic_updates(ctx)]
+
+
+def _security_updates_installed(ctx: CheckContext) -> CheckResult:
+    """Every package the image was built with is at the newest version its security index
+    holds; a live host is checked against its own apt lists."""
+    name = "updates: every security update is installed"
+    if "security_index" not in ctx.extra:
+        pending = ctx.target.run(
+            "apt-get -s -o Debug::NoLocking=1 dist-upgrade 2>/dev/null | grep '^Inst .*-security'"
+        ).stdout.splitlines()
+        return _result(
+            name,
+            not pending,
+            "; ".join(pending) or "apt's own lists hold no pending security update",
+            "updates",
+        )
+    index = ctx.extra["security_index"]
+    if index is None:
+        return _result(name, False, "the image was built without a security suite", "updates")
+    listing = ctx.target.run("dpkg-query -W -f '${db:Status-Abbrev} ${Package} ${Version}\\n'")
+    installed = updates.parse_dpkg_query(listing.stdout)
+    pending = updates.pending_updates(installed, index)
+    return _result(
+        f"updates: every security update of {index.suite} ({index.date}) is installed",
+        bool(installed) and not pending,
+        "; ".join(pending[:10]) + (f" and {len(pending) - 10} more" if len(pending) > 10 else "")
+        or f"{len(installed)} packages checked against {len(index.packages)} in the index",
+        "updates",
+    )
+
+
+def _automatic_updates(ctx: CheckContext) -> CheckResult:
     wanted = ctx.loaded.profile.security.unattended_upgrades
     value = ctx.target.run("apt-config dump APT::Periodic::Unattended-Upgrade").stdout
     enabled = ctx.target.run("systemctl is-enabled apt-daily-upgrade.timer").stdout.strip()
-    on = '"1"' in value and enabled == "enabled"
+    sources = ctx.target.run(SECURITY_SOURCES).stdout.strip()
+    origins = ctx.target.run("apt-config dump Unattended-Upgrade::Origins-Pattern").stdout
+    on = (
+        '"1"' in value
+        and enabled == "enabled"
+        and bool(sources)
+        and "label=Debian-Security" in origins
+    )
     off = '"1"' not in value and enabled != "enabled"
-    return [
-        _result(
-            f"updates: automatic security updates are {'on' if wanted else 'off'}",
-            on if wanted else off,
-            f"{value.strip() or 'Unattended-Upgrade unset'}; apt-daily-upgrade.timer {enabled}",
-            "updates",
-        )
+    detail = [
+        value.strip() or "Unattended-Upgrade unset",
+        f"apt-daily-upgrade.timer {enabled}",
     ]
+    if wanted:
+        detail.append(
+            f"security source: {sources.splitlines()[0]}" if sources else "no security source"
+        )
+        if "label=Debian-Security" not in origins:
+            detail.append("unattended-upgrades does not take Debian-Security")
+    return _result(
+        f"updates: automatic security updates are {'on' if wanted else 'off'}",
+        on if wanted else off,
+        "; ".join(detail),
+        "updates",
+    )
 
 
 def check_services_unprivileged(ctx: CheckContext) -> list[CheckResult]:
@@ -438,6 +517,12 @@ def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
         for path in sorted(set(tokens) - token_files)
         if not path.startswith(JUPYTER_RUNTIME)
     ]
+    journal = ctx.target.run(
+        "sudo bash -c 'exec 3<&0; journalctl -o cat --no-pager | grep -cF -f /dev/fd/3'",
+        stdin=(token + "\n" if token else "") + "PRIVATE KEY-----\n",
+    ).stdout.strip()
+    if journal not in ("", "0"):
+        problems.append(f"{journal} journal line(s) hold the token or a private key")
     passwords = ctx.target.run("sudo awk -F: '$2 !~ /^[!*]/ {print $1}' /etc/shadow").stdout.split()
     problems += [f"user {user} has a password" for user in passwords]
     if ctx.throwaway_vm:
