@@ -18,7 +18,7 @@ from factory import host
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config
 from factory.keys import KeyPair, ephemeral_keypair
-from factory.processes import stop_gently
+from factory.processes import die_with_parent, stop_gently
 from factory.render import temporary_login
 
 VALIDATOR_USER = "factory-validate"
@@ -150,10 +150,16 @@ def boot_delivery(
             command += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
             log(f"booting {disk.name} ({accelerator}, ssh on 127.0.0.1:{port})")
             started = time.monotonic()
-            process = subprocess.Popen(
-                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-            )
-            keys = _wait_for_host_keys(process, console, started + timeout)
+            stderr = work / "qemu-stderr.log"  # a file: a pipe nobody drains can stall QEMU
+            with open(stderr, "wb") as errors:
+                process = subprocess.Popen(
+                    command,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            keys = _wait_for_host_keys(process, console, stderr, started + timeout)
             seconds = time.monotonic() - started
             yield BootedVM(port, keys, key, console, seconds, forwards, agent)
     finally:
@@ -162,10 +168,12 @@ def boot_delivery(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait_for_host_keys(process: subprocess.Popen, console: Path, deadline: float) -> list[str]:
+def _wait_for_host_keys(
+    process: subprocess.Popen, console: Path, stderr: Path, deadline: float
+) -> list[str]:
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            error = stderr.read_text(errors="replace")
             raise ToolError(f"QEMU exited early (code {process.returncode}): {error.strip()}")
         if console.exists():
             keys = host_keys_from_console(console.read_text(errors="replace"))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import getpass
 import logging
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -40,10 +44,22 @@ class SSHTarget:
         channel_in, channel_out, channel_err = self.client.exec_command(command, timeout=timeout)
         if stdin is not None:
             channel_in.write(stdin)
-        channel_in.channel.shutdown_write()  # commands that read stdin get EOF, never a hang
-        out = channel_out.read().decode(errors="replace")
-        err = channel_err.read().decode(errors="replace")
-        return CommandResult(channel_out.channel.recv_exit_status(), out, err)
+        channel = channel_in.channel
+        channel.shutdown_write()  # commands that read stdin get EOF, never a hang
+        # stderr drains beside stdout, so a chatty stderr cannot fill its window and stall.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            err_read = pool.submit(channel_err.read)
+            try:
+                out = channel_out.read()
+                err = err_read.result()
+            except TimeoutError:
+                channel.close()
+                return CommandResult(124, "", f"no output for {timeout:.0f} s; stopped")
+        if not channel.status_event.wait(timeout):
+            channel.close()
+            return CommandResult(124, out.decode(errors="replace"), "no exit status; stopped")
+        status = channel.recv_exit_status()
+        return CommandResult(status, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def close(self) -> None:
         self.client.close()
@@ -57,17 +73,23 @@ class LocalTarget:
         self.description = f"{self.user}@localhost (no SSH)"
 
     def run(self, command: str, stdin: str | None = None, timeout: float = 600) -> CommandResult:
+        process = subprocess.Popen(
+            ["bash", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: a timeout stops all of it
+        )
         try:
-            done = subprocess.run(
-                ["bash", "-c", command],
-                input=(stdin or "").encode(),
-                capture_output=True,
-                timeout=timeout,
-            )
+            out, err = process.communicate((stdin or "").encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
             return CommandResult(124, "", f"timed out after {timeout:.0f} s")
-        out, err = (b.decode(errors="replace") for b in (done.stdout, done.stderr))
-        return CommandResult(done.returncode, out, err)
+        return CommandResult(
+            process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        )
 
     def close(self) -> None:
         pass

@@ -1,0 +1,28 @@
+"""The validator's local target: output on both streams is read in full, and a timeout stops
+the whole command, its children included."""
+
+import os
+import time
+
+from factory.validate.target import LocalTarget
+
+
+def test_large_stderr_and_stdin_do_not_stall():
+    result = LocalTarget().run("cat; head -c 300000 /dev/zero >&2", stdin="to stdout")
+    assert (result.exit_code, result.stdout, len(result.stderr)) == (0, "to stdout", 300000)
+
+
+def test_timeout_stops_the_children_too(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    started = time.monotonic()
+    result = LocalTarget().run(f"sleep 300 & echo $! > {pid_file}; wait", timeout=2)
+    assert result.exit_code == 124 and time.monotonic() - started < 30
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the command's child {child} outlived the timeout")
