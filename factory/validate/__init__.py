@@ -11,7 +11,7 @@ from pathlib import Path
 from factory import host
 from factory.cpu import validation_cpu
 from factory.errors import FactoryError
-from factory.profile import LoadedProfile, load_profile
+from factory.profile import ENV_NAME, LoadedProfile, load_profile
 from factory.updates import INDEX_FILE, SecurityIndex
 from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
 from factory.validate.checks import (
@@ -165,7 +165,17 @@ def _delivery_security_index(delivery: Path) -> dict:
 
 
 def _delivery_locks(delivery: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((delivery / "locks").glob("*.lock.json"))]
+    """The delivery's lock files; a name that is not an environment name is refused, since it
+    reaches remote commands and file names."""
+    locks = []
+    for path in sorted((delivery / "locks").glob("*.lock.json")):
+        lock = json.loads(path.read_text())
+        if not isinstance(lock, dict) or not ENV_NAME.match(str(lock.get("name", ""))):
+            raise FactoryError(
+                f"{path}: `name` is not an environment name; the delivery was edited: rebuild it"
+            )
+        locks.append(lock)
+    return locks
 
 
 def _write_exports(exports: dict[str, dict], out_dir: Path) -> None:
@@ -175,6 +185,8 @@ def _write_exports(exports: dict[str, dict], out_dir: Path) -> None:
     folder = out_dir / "envs"
     folder.mkdir(parents=True, exist_ok=True)
     for name, installed in exports.items():
+        if not ENV_NAME.match(name):
+            raise FactoryError(f"environment name {name!r} cannot name a file; rebuild")
         (folder / f"{name}.installed.json").write_text(json.dumps(installed, indent=2) + "\n")
         freeze = "".join(f"{n}=={v}\n" for n, v in sorted(installed["pip"].items()))
         (folder / f"{name}.pip-freeze.txt").write_text(freeze)
