@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from factory import host, updates
-from factory.cache import cache_dir, inputs_key, sha256_file
+from factory.cache import cache_dir, inputs_key, local_write_error, sha256_file
 from factory.errors import FactoryError, ToolError
 from factory.processes import stop_gently
 
@@ -675,6 +675,9 @@ def _download(url: str, dest: Path) -> str:
                     "check the URL in the profile"
                 ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            local = local_write_error(exc, dest)
+            if local is not None:
+                raise local from None
             reason = getattr(exc, "reason", None) or exc
             if url.startswith("file:"):
                 raise FactoryError(

@@ -1,6 +1,7 @@
 """The factory cache directory: base images, channels and probes, keyed by their inputs, and
 downloads stored under their sha256."""
 
+import errno
 import hashlib
 import json
 import os
@@ -49,6 +50,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Errors of the local disk, never of the network: retrying cannot help.
+LOCAL_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def local_write_error(error: BaseException, dest: Path) -> FactoryError | None:
+    """A one-line error when `error` came from writing `dest` on this machine."""
+    if isinstance(error, OSError) and error.errno in LOCAL_WRITE_ERRORS:
+        return FactoryError(
+            f"cannot write {dest}: {os.strerror(error.errno)}; free space or fix permissions "
+            f"under {dest.parent}"
+        )
+    return None
+
+
 def download(url: str, dest: Path, attempts: int = 3) -> None:
     """Fetch `url` into `dest`, retrying with backoff; one-line FactoryError when it fails."""
     for attempt in range(1, attempts + 1):
@@ -57,6 +72,9 @@ def download(url: str, dest: Path, attempts: int = 3) -> None:
                 shutil.copyfileobj(response, out)
             return
         except OSError as error:
+            local = local_write_error(error, dest)
+            if local is not None:
+                raise local from None
             if attempt == attempts:
                 raise FactoryError(f"cannot download {url}: {error}; check the network") from None
             time.sleep(2**attempt)
