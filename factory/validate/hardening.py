@@ -10,6 +10,8 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from factory import updates
 from factory.escape import shell_word
 from factory.validate.checks import (
@@ -86,9 +88,25 @@ def http_request(
 
 
 def _tls_context(cert_pem: str) -> ssl.SSLContext:
+    """Trust exactly the certificate (chain) the machine holds: its leaf, or a client's chain
+    without its root (partial chains allowed), and check the name the leaf is issued for."""
     context = ssl.create_default_context(cadata=cert_pem)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.check_hostname = True
     return context
+
+
+def certificate_name(cert_pem: str, hostname: str) -> str:
+    """The name to ask the server for: the machine's hostname when the leaf certificate is
+    issued for it, else the leaf's first DNS name (a client's certificate names its FQDN)."""
+    try:
+        leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+        names = leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound):
+        return hostname
+    return hostname if hostname in names or not names else names[0]
 
 
 def check_https(ctx: CheckContext) -> list[CheckResult]:
@@ -99,7 +117,7 @@ def check_https(ctx: CheckContext) -> list[CheckResult]:
         reason = "jupyter.enabled is false" if ctx.address else "ports not reachable"
         return [CheckResult("https: nginx in front of Jupyter", SKIPPED, reason, group=group)]
     cert_pem = ctx.target.run(f"cat {TLS_CERT}").stdout
-    name = ctx.target.run("hostname").stdout.strip()
+    name = certificate_name(cert_pem, ctx.target.run("hostname").stdout.strip())
     token_value = jupyter_token(ctx)
     results = []
     try:
