@@ -4,6 +4,7 @@ promises. Results go to report.json, report.xml (JUnit) and report.html."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,24 @@ def _root_login_probe(target, vm) -> str:
         target.run("sudo rm -f /root/.ssh/authorized_keys")
 
 
+HOST_ADDRESS = re.compile(
+    r"^(?P<user>[a-z_][a-z0-9_.-]{0,31})@"
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d{1,5}))?$"
+)
+
+
+def parse_host(address: str) -> tuple[str, str, int]:
+    """(user, host, port) of `user@host[:port]` or `user@[ipv6][:port]`."""
+    match = HOST_ADDRESS.match(address)
+    port = int(match.group("port") or 22) if match else 0
+    if not match or not 1 <= port <= 65535:
+        raise FactoryError(
+            f"--host {address!r}: expected user@address[:port] (port 1-65535; IPv6 in "
+            "brackets) or 'local'"
+        )
+    return match.group("user"), match.group("ipv6") or match.group("host"), port
+
+
 def validate_host(
     address: str,
     profile_path: Path,
@@ -223,12 +242,9 @@ def validate_host(
         hostname = "127.0.0.1"
         target = LocalTarget()
     else:
-        user, _, rest = address.rpartition("@")
-        hostname, _, port = rest.partition(":")
-        if not user or not hostname:
-            raise FactoryError(f"--host {address!r}: expected user@address[:port] or 'local'")
+        user, hostname, port = parse_host(address)
         log(f"connecting to {address}")
-        target = connect(hostname, int(port or 22), user, key_file, None, time.monotonic() + 60)
+        target = connect(hostname, port, user, key_file, None, time.monotonic() + 60)
     log(f"running checks on {target.description}")
     try:
         ctx = CheckContext(
