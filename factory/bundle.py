@@ -19,11 +19,20 @@ from pathlib import Path
 
 import rattler.index
 
-from factory.cache import cache_dir, fetch_locked, fetch_verified
+from factory.cache import cache_dir, fetch_locked, fetch_verified, sha256_file
 from factory.errors import FactoryError
 from factory.resolve import EnvLock, pip_target_args
 
 INSTALLER_PYTHON = "3.11"  # Debian 12's python3, which runs the installer inside the image
+# The py-rattler wheel for the image, per host py-rattler version: it runs as root in the build,
+# so it is pinned like everything it installs. For a new version, take the sha256 of the wheel
+# `pip download py-rattler==X --no-deps` fetches with pip_target_args(INSTALLER_PYTHON).
+INSTALLER_WHEELS = {
+    "0.28.0": (
+        "py_rattler-0.28.0-cp310-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "4f4ab1d34d5394e7ce130a86e59009c95ace4f5757d9c3af04de1351bcea47eb",
+    ),
+}
 
 
 def fetch_conda_package(url: str, sha256: str) -> Path:
@@ -41,21 +50,35 @@ def _pip_download(requirements: Path, python: str, dest: Path, log) -> None:
         raise FactoryError(f"pip download failed for {requirements.name}: {' '.join(last)}")
 
 
-def _installer_wheels(dest: Path) -> None:
-    """py-rattler (the same version as the host's) for the image's python."""
-    version = metadata.version("py-rattler")
+def _installer_wheels(dest: Path, version: str | None = None) -> None:
+    """py-rattler (the same version as the host's) for the image's python, downloaded with
+    its pinned sha256 and checked again whenever the cached copy is reused."""
+    version = version or metadata.version("py-rattler")
+    if version not in INSTALLER_WHEELS:
+        raise FactoryError(
+            f"no pinned sha256 for the py-rattler {version} installer wheel; add it to "
+            "INSTALLER_WHEELS in factory/bundle.py, or install a pinned py-rattler "
+            f"({', '.join(INSTALLER_WHEELS)})"
+        )
+    name, sha256 = INSTALLER_WHEELS[version]
     wheels = cache_dir() / "installer" / f"py-rattler-{version}"
-    if not any(wheels.glob("*.whl")):
+    wheel = wheels / name
+    if not (wheel.is_file() and sha256_file(wheel) == sha256):
+        wheel.unlink(missing_ok=True)
         wheels.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
-        command += ["-d", str(wheels), f"py-rattler=={version}"]
-        command += pip_target_args(INSTALLER_PYTHON)
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise FactoryError(f"cannot fetch the py-rattler installer: {result.stderr[-300:]}")
+        with tempfile.TemporaryDirectory(dir=wheels) as scratch:
+            requirements = Path(scratch) / "py-rattler-installer.txt"
+            requirements.write_text(f"py-rattler=={version} --hash=sha256:{sha256}\n")
+            _pip_download(requirements, INSTALLER_PYTHON, Path(scratch), log=print)
+            fetched = Path(scratch) / name
+            if not fetched.is_file():
+                got = [p.name for p in Path(scratch).glob("*.whl")]
+                raise FactoryError(f"pip fetched {got} for the installer, not the pinned {name}")
+            if sha256_file(fetched) != sha256:
+                raise FactoryError(f"{name}: sha256 differs from the pin in factory/bundle.py")
+            fetched.replace(wheel)
     dest.mkdir(parents=True, exist_ok=True)
-    for wheel in wheels.glob("*.whl"):
-        shutil.copy2(wheel, dest / wheel.name)
+    shutil.copy2(wheel, dest / name)
 
 
 def fetch_conda_installer(url: str, sha256: str, log=print) -> Path:

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
+import os
 import re
+import stat
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
 
 import paramiko
 import yaml
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,6 +42,8 @@ PYTHON_VERSION = re.compile(r"^3\.\d{1,2}(\.\d{1,2})?$")
 PACKAGE_SPEC = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*([<>=!~]=?[^\s;'\"$`\\]*(,\s*[<>=!~]=?[^\s;'\"$`\\]*)*|\s+[0-9][^\s;'\"$`\\]*|)$"
 )
+# conda specs may name their channel first, as conda reads them: 'conda-forge::numpy>=1.26'.
+CONDA_SPEC_CHANNEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)::(?!:)")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 RESERVED_USERS = {"root", "factory-build", "jupyter", "nobody", "daemon", "sys", "bin"}
 BUILD_USER = "factory-build"
@@ -107,15 +117,33 @@ class Admin(Strict):
         return [key.strip() for key in keys]
 
 
+def spec_channel(spec: str) -> str | None:
+    """The channel a conda spec names ('pytorch::pytorch' -> 'pytorch'), or None."""
+    match = CONDA_SPEC_CHANNEL.match(spec.strip())
+    return match.group(1) if match else None
+
+
 def package_name(spec: str) -> str:
-    """The package name of a conda or pip spec ('numpy>=1.26' -> 'numpy')."""
-    return re.split(r"[\s<>=!~\[]", spec.strip(), maxsplit=1)[0].lower()
+    """The package name of a conda or pip spec ('numpy>=1.26' -> 'numpy',
+    'conda-forge::numpy' -> 'numpy')."""
+    spec = CONDA_SPEC_CHANNEL.sub("", spec.strip())
+    return re.split(r"[\s<>=!~\[]", spec, maxsplit=1)[0].lower()
 
 
 def _check_package_specs(specs: list[str]) -> list[str]:
     for spec in specs:
         if not PACKAGE_SPEC.match(spec):
             raise ValueError(f"'{spec}' is not a package spec such as 'numpy' or 'numpy>=1.26'")
+    return specs
+
+
+def _check_conda_specs(specs: list[str]) -> list[str]:
+    for spec in specs:
+        if not PACKAGE_SPEC.match(CONDA_SPEC_CHANNEL.sub("", spec)):
+            raise ValueError(
+                f"'{spec}' is not a conda spec such as 'numpy', 'numpy>=1.26' or "
+                "'conda-forge::numpy'"
+            )
     return specs
 
 
@@ -127,9 +155,16 @@ class Environment(Strict):
     python: str = Field(description="Python version, e.g. '3.11'.")
     channels: list[str] = Field(
         min_length=1,
-        description="Ordered conda channels: URLs, or paths relative to the profile file.",
+        description="Ordered conda channels: names (conda.anaconda.org/<name>), https:// URLs, "
+        "or local channel folders (paths relative to the file that names them, or file:// "
+        "URLs) under the profile's folder, the factory cache's channels or a folder in "
+        "FACTORY_ALLOWED_ROOTS. A plain http:// URL must also be listed in insecure_channels.",
     )
-    conda: list[str] = Field(default_factory=list, description="Conda package specs.")
+    conda: list[str] = Field(
+        default_factory=list,
+        description="Conda package specs. 'channel::name' takes that package from that "
+        "channel: the one of `channels` with that name, else conda.anaconda.org/<channel>.",
+    )
     pip: list[str] = Field(default_factory=list, description="pip requirement specs.")
     environment_file: str | None = Field(
         None,
@@ -155,19 +190,29 @@ class Environment(Strict):
     @classmethod
     def _channel_strings(cls, channels: list[str]) -> list[str]:
         for channel in channels:
-            if not channel or any(c in channel for c in "\n\r\0'\"`$ "):
+            if not _plain_channel(channel):
                 raise ValueError(f"channel {channel!r} has characters a URL or path cannot have")
         return channels
 
-    _conda_specs = field_validator("conda")(classmethod(lambda cls, v: _check_package_specs(v)))
+    _conda_specs = field_validator("conda")(classmethod(lambda cls, v: _check_conda_specs(v)))
     _pip_specs = field_validator("pip")(classmethod(lambda cls, v: _check_package_specs(v)))
+
+
+def _plain_channel(channel: object) -> bool:
+    return (
+        bool(channel) and isinstance(channel, str) and not any(c in channel for c in "\n\r\0'\"`$ ")
+    )
 
 
 class TLS(Strict):
     certificate: str = Field(
-        description="PEM certificate (chain) of the client, relative to the profile."
+        description="PEM certificate chain of the client, leaf first, relative to the profile "
+        "(under its folder or FACTORY_ALLOWED_ROOTS); the leaf must not have expired."
     )
-    key: str = Field(description="PEM private key of that certificate, relative to the profile.")
+    key: str = Field(
+        description="Unencrypted PEM private key of the leaf certificate, relative to the "
+        "profile (under its folder or FACTORY_ALLOWED_ROOTS)."
+    )
 
 
 class Jupyter(Strict):
@@ -293,7 +338,9 @@ class Conda(Strict):
 class Profile(Strict):
     client: str = Field(description="Client short name: lowercase letters, digits and '-'.")
     project: str = Field(description="Project short name: lowercase letters, digits and '-'.")
-    version: int = Field(ge=1, le=9999, description="Delivery version, the N in client_project_vN.")
+    version: int = Field(
+        ge=1, le=9999, strict=True, description="Delivery version, the N in client_project_vN."
+    )
     industry: str = Field(
         "generic", max_length=64, description="Industry, e.g. banking, healthcare."
     )
@@ -331,8 +378,16 @@ class Profile(Strict):
         description="Air-gapped: build and run with the network cut; the image keeps a private "
         "conda channel and pip wheelhouse, and .condarc and pip.conf point only at them.",
     )
+    insecure_channels: list[str] = Field(
+        default_factory=list,
+        description="Plain http:// channel URLs the environments may use, each written exactly "
+        "as in `channels`. Without TLS anyone on the network path chooses what gets locked, so "
+        "http:// channels are refused unless listed here.",
+    )
     extends: str | list[str] | None = Field(
-        None, description="Profile file(s) or preset name(s) this profile builds on."
+        None,
+        description="Profile file(s) or preset name(s) this profile builds on; files under "
+        "this profile's folder or FACTORY_ALLOWED_ROOTS.",
     )
 
     @model_validator(mode="before")
@@ -449,12 +504,32 @@ class Profile(Strict):
         if self.conda.installer != "miniforge":
             return self
         for env in self.environments:
-            for channel in env.channels:
+            named = [spec_channel(s) for s in env.conda]
+            for channel in [*env.channels, *(c for c in named if c)]:
                 if ANACONDA_CHANNELS.match(channel):
                     raise ValueError(
                         f"environments: '{env.name}' uses Anaconda's channel '{channel}', but "
                         "the miniforge installer keeps the image on conda-forge; use "
                         "conda-forge or a private mirror, or installer: miniconda"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _channels_use_tls(self) -> Profile:
+        for url in self.insecure_channels:
+            if not re.match(r"^http://\S+$", url):
+                raise ValueError(
+                    f"insecure_channels: '{url}' is not an http:// URL; list only the plain "
+                    "http:// channels the environments use"
+                )
+        for index, env in enumerate(self.environments):
+            for number, channel in enumerate(env.channels):
+                if channel.lower().startswith("http://") and channel not in self.insecure_channels:
+                    raise ValueError(
+                        f"environments[{index}].channels[{number}]: '{channel}' is plain "
+                        "http://, so "
+                        "anyone on the network path chooses what gets locked; use https://, or "
+                        "accept that by listing it exactly in insecure_channels"
                     )
         return self
 
@@ -598,6 +673,118 @@ def _pick_error(errors: list[dict]) -> dict:
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+# The example profiles beside the package (a checkout's profiles/), which users start from.
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+ALLOWED_ROOTS_ENV_VAR = "FACTORY_ALLOWED_ROOTS"
+MAX_TEXT_BYTES = 1 << 20  # profiles, environment files, TLS files
+MAX_NOTEBOOK_BYTES = 64 << 20
+SPECIAL_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def allowed_roots(profile_path: Path) -> tuple[Path, ...]:
+    """The folders every file a profile names must lie in, after symlinks: the profile's own
+    folder, the presets, the example profiles, and the folders listed in
+    $FACTORY_ALLOWED_ROOTS (separated by os.pathsep)."""
+    listed = os.environ.get(ALLOWED_ROOTS_ENV_VAR, "").split(os.pathsep)
+    extra = [Path(p).expanduser().resolve() for p in listed if p.strip()]
+    return (profile_path.resolve().parent, PRESETS_DIR, EXAMPLES_DIR, *extra)
+
+
+class _KeyProblem(Exception):
+    """A mapping key the profile format refuses (duplicate or merge key)."""
+
+    def __init__(self, mapping: yaml.MappingNode, key: yaml.Node, problem: str) -> None:
+        super().__init__(problem)
+        self.mapping, self.key = mapping, key
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and merge keys (`<<`): a reviewer reads the
+    first block, PyYAML would keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _KeyProblem(
+                    node, key_node, "merge keys (<<) are not allowed; write the keys out"
+                )
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node:
+                raise _KeyProblem(
+                    node,
+                    key_node,
+                    f"duplicate key (first at line {first.start_mark.line + 1}); remove one",
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _path_to(node: yaml.Node | None, target: yaml.Node, loc: tuple = ()) -> tuple | None:
+    """The field path of `target` in the node tree under `node` (aliases are not followed)."""
+    if node is target:
+        return loc
+    if isinstance(node, yaml.MappingNode):
+        children = [(k.value, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(enumerate(node.value))
+    else:
+        return None
+    for part, child in children:
+        if child.start_mark.index >= node.start_mark.index:  # an alias points back
+            found = _path_to(child, target, (*loc, part))
+            if found is not None:
+                return found
+    return None
+
+
+def _read_file(path: Path, where: str, limit: int, kind: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (devices and pipes are refused
+    without blocking on them)."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as error:
+        raise ProfileError(f"{where}: cannot read {kind} ({error.strerror})") from None
+    with os.fdopen(handle, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ProfileError(
+                f"{where}: {path} is a special file (a device, pipe or socket), not a {kind}; "
+                "name a regular file"
+            )
+        raw = file.read(limit + 1)
+    if len(raw) > limit:
+        raise ProfileError(
+            f"{where}: {path.name} is larger than {limit >> 20} MiB, too large for a {kind}; "
+            "check that the path names the right file"
+        )
+    return raw
+
+
+def _parse_yaml(path: Path, raw: bytes, kind: str) -> tuple[yaml.Node | None, object]:
+    """The node tree (for line numbers) and the data of a YAML file, read strictly."""
+    try:
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not UTF-8 text; save the {kind} as UTF-8") from None
+    loader = _StrictLoader(text)
+    root = None
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    except _KeyProblem as problem:
+        loc = (*(_path_to(root, problem.mapping) or ()), problem.key.value)
+        line = problem.key.start_mark.line + 1
+        raise ProfileError(f"{path}:{line}: {_field_path(loc)}: {problem}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ProfileError(f"{where}: not valid YAML ({problem}); fix the syntax") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -606,70 +793,92 @@ class _Document:
     raw: bytes
     root: yaml.Node
     data: dict
+    roots: tuple[Path, ...]  # the folders the files it names must lie in
 
 
-def _read_document(path: Path) -> _Document:
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise ProfileError(f"{path}: cannot read profile ({error.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not UTF-8 text; save the profile as UTF-8") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ProfileError(f"{where}: not valid YAML ({problem}); fix the syntax") from None
+def _read_document(path: Path, roots: tuple[Path, ...]) -> _Document:
+    raw = _read_file(path, str(path), MAX_TEXT_BYTES, "profile")
+    root, data = _parse_yaml(path, raw, "profile")
     if data is None:
         raise ProfileError(f"{path}: profile is empty; start from profiles/demo.yaml")
     if not isinstance(data, dict):
         raise ProfileError(f"{path}:1: a profile is a mapping of keys (client, project, ...)")
-    return _Document(path, raw, root, data)
+    return _Document(path, raw, root, data, roots)
+
+
+def _where(document: _Document, loc: tuple) -> str:
+    return f"{document.path}:{_line_of(document.root, loc)}: {_field_path(loc)}"
+
+
+def _confined(where: str, value: str, path: Path, roots: tuple[Path, ...]) -> Path:
+    """`path` after symlinks; refused under /proc, /sys or /dev, and outside `roots`."""
+    resolved = path.resolve()
+    shown = value if value == str(resolved) else f"{value} (that is {resolved})"
+    special = next((tree for tree in SPECIAL_TREES if resolved.is_relative_to(tree)), None)
+    if special is not None:
+        raise ProfileError(
+            f"{where}: {shown} is a special file (under {special}), not a regular file; "
+            "name a regular file"
+        )
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ProfileError(
+            f"{where}: {shown} is outside this profile's folder {roots[0]}; move it there, or "
+            f"allow its folder in {ALLOWED_ROOTS_ENV_VAR}"
+        )
+    return resolved
+
+
+def _named_file(document: _Document, loc: tuple, value: object, suffix: str | tuple = "") -> Path:
+    """A file named in the profile, made absolute from the folder of the file naming it; it
+    must be a regular file under the allowed roots."""
+    where = _where(document, loc)
+    if not isinstance(value, str) or not value.strip():
+        raise ProfileError(f"{where}: give a file path")
+    path = _confined(where, value, document.path.parent / value, document.roots)
+    if not path.exists():
+        raise ProfileError(f"{where}: no file {path}; fix the path (relative to this file)")
+    if not path.is_file():
+        raise ProfileError(f"{where}: {path} is not a regular file; name a regular file")
+    if not path.name.endswith(suffix):
+        kinds = " or ".join([suffix] if isinstance(suffix, str) else suffix)
+        raise ProfileError(f"{where}: {path.name} is not a {kinds} file")
+    return path
 
 
 def _parent_paths(document: _Document) -> list[Path]:
     extends = document.data.get("extends", [])
     names = [extends] if isinstance(extends, str) else extends
-    line = _line_of(document.root, ("extends",))
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ProfileError(
-            f"{document.path}:{line}: extends: give a file path or a preset name, or a list of them"
+            f"{_where(document, ('extends',))}: give a file path or a preset name, or a list "
+            "of them"
         )
     parents = []
-    for name in names:
+    for index, name in enumerate(names):
+        loc = ("extends",) if isinstance(extends, str) else ("extends", index)
         if name.endswith((".yaml", ".yml")) or "/" in name:
-            parent = (document.path.parent / name).resolve()
-            if not parent.is_file():
-                raise ProfileError(
-                    f"{document.path}:{line}: extends: no file {parent}; "
-                    "fix the path (it is relative to this profile)"
-                )
-        else:
-            parent = PRESETS_DIR / f"{name}.yaml"
-            if not re.match(r"^[a-z0-9-]+$", name) or not parent.is_file():
-                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-                raise ProfileError(
-                    f"{document.path}:{line}: extends: no preset '{name}' (presets: {known})"
-                )
+            parents.append(_named_file(document, loc, name))
+            continue
+        parent = PRESETS_DIR / f"{name}.yaml"
+        if not re.match(r"^[a-z0-9-]+$", name) or not parent.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+            raise ProfileError(f"{_where(document, loc)}: no preset '{name}' (presets: {known})")
         parents.append(parent)
     return parents
 
 
-def _load_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[_Document]:
+def _load_chain(
+    path: Path, roots: tuple[Path, ...], stack: tuple[Path, ...] = ()
+) -> list[_Document]:
     """The profile and everything it extends, most specific first."""
     path = path.resolve()
     if path in stack:
         cycle = " -> ".join(p.name for p in (*stack, path))
         raise ProfileError(f"{stack[-1]}: extends: cycle {cycle}; remove one of these extends")
-    document = _read_document(path)
+    document = _read_document(path, roots)
     chain = [document]
     for parent in _parent_paths(document):
-        chain += _load_chain(parent, (*stack, path))
+        chain += _load_chain(parent, roots, (*stack, path))
     return chain
 
 
@@ -684,45 +893,95 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _file_path(
-    document: _Document, loc: tuple, value: object, suffix: str | tuple[str, ...]
-) -> str:
-    """A file named in the profile, made absolute from the folder of the file naming it."""
-    line = _line_of(document.root, loc)
-    where = f"{document.path}:{line}: {_field_path(loc)}"
-    if not isinstance(value, str) or not value.strip():
-        raise ProfileError(f"{where}: give a file path")
-    path = (document.path.parent / value).resolve()
-    if not path.is_file():
-        raise ProfileError(f"{where}: no file {path}; fix the path (relative to this file)")
-    if not path.name.endswith(suffix):
-        kinds = " or ".join([suffix] if isinstance(suffix, str) else suffix)
-        raise ProfileError(f"{where}: {path.name} is not a {kinds} file")
-    return str(path)
+def _local_channel(where: str, channel: object, folder: Path, roots: tuple[Path, ...]) -> object:
+    """A channel, with a local channel folder made a file:// URL (after symlinks) from
+    `folder`. The folder must lie under the allowed roots or the factory cache's channels."""
+    from factory.cache import cache_dir
+
+    if not isinstance(channel, str) or not _plain_channel(channel):
+        return channel  # the schema says what is wrong
+    if re.match(r"^[a-z][a-z0-9+.-]*://", channel):
+        url = urlparse(channel)
+        if url.scheme != "file":
+            return channel
+        if url.netloc not in ("", "localhost"):
+            raise ProfileError(f"{where}: {channel} names a host; write file:///absolute/path")
+        path = Path(unquote(url.path))
+    elif "/" not in channel and not channel.startswith("."):
+        return channel
+    else:
+        path = folder / channel
+    resolved = _confined(where, channel, path, (*roots, cache_dir() / "channels"))
+    if resolved.exists() and not resolved.is_dir():
+        raise ProfileError(
+            f"{where}: {channel} is not a folder; a local channel is a folder holding "
+            "noarch/ and linux-64/ with their repodata.json"
+        )
+    return resolved.as_uri()
+
+
+CONDA_PYTHON = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*::)?python\s*=+\s*(3\.\d+)")
 
 
 def _imported_environment(document: _Document, index: int, env: dict) -> dict:
-    """An environment with its environment.yml merged in (the profile's own keys win)."""
+    """An environment with its environment.yml merged in (the profile's own keys win). The
+    file is read as conda reads it, and a wrong shape is one line naming its file and line."""
     loc = ("environments", index, "environment_file")
-    path = _file_path(document, loc, env["environment_file"], (".yml", ".yaml"))
-    where = f"{document.path}:{_line_of(document.root, loc)}: {_field_path(loc)}"
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise ProfileError(f"{where}: {path} is not valid YAML; fix or re-export it") from None
-    deps = spec.get("dependencies") if isinstance(spec, dict) else None
-    if not isinstance(deps, list):
-        raise ProfileError(f"{where}: {path} has no 'dependencies' list (conda env export)")
-    conda = [d for d in deps if isinstance(d, str)]
-    pip = [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]
-    python = next(
-        (m.group(1) for d in conda if (m := re.match(r"^python\s*=+\s*(3\.\d+)", d))), None
+    path = _named_file(document, loc, env["environment_file"], (".yml", ".yaml"))
+    where = _where(document, loc)
+    root, spec = _parse_yaml(
+        path, _read_file(path, where, MAX_TEXT_BYTES, "environment file"), "environment file"
     )
+    deps = spec.get("dependencies") if isinstance(spec, dict) else None
+    if deps is None:
+        raise ProfileError(f"{where}: {path} has no 'dependencies' list (conda env export)")
+
+    def at(*field: str | int) -> str:
+        return f"{path}:{_line_of(root, field)}: {_field_path(field)}"
+
+    assert isinstance(spec, dict)
+    if not isinstance(deps, list):
+        raise ProfileError(
+            f"{at('dependencies')}: must be a list, one '- spec' per line (conda env export)"
+        )
+    if not isinstance(spec.get("name", ""), str):
+        raise ProfileError(f"{at('name')}: must be a string such as 'scoring' (quote it)")
+    channels = spec.get("channels") or []
+    if isinstance(channels, str):
+        raise ProfileError(
+            f"{at('channels')}: is the single string '{channels}', not a list; write "
+            f"channels: [{channels}] (conda reads a list of channel names or URLs)"
+        )
+    if not isinstance(channels, list):
+        raise ProfileError(f"{at('channels')}: must be a list of channel names or URLs")
+    for number, channel in enumerate(channels):
+        if not isinstance(channel, str):
+            raise ProfileError(
+                f"{at('channels', number)}: must be a channel name or URL, not "
+                f"{type(channel).__name__} {channel!r} (quote it)"
+            )
+    conda: list[str] = []
+    pip: list[str] = []
+    for number, dep in enumerate(deps):
+        if isinstance(dep, str):
+            conda.append(dep)
+        elif isinstance(dep, dict) and list(dep) == ["pip"]:
+            entries = dep["pip"]
+            if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+                raise ProfileError(
+                    f"{at('dependencies', number, 'pip')}: must be a list of pip requirement "
+                    "strings, one '- requirement' per line"
+                )
+            pip += entries
+        else:
+            raise ProfileError(
+                f"{at('dependencies', number)}: must be a conda spec such as 'numpy>=1.26' or "
+                f"a 'pip:' list, not {dep!r}; fix or re-export the file"
+            )
+    python = next((m.group(1) for d in conda if (m := CONDA_PYTHON.match(d))), None)
     channels = [
-        str((Path(path).parent / c).resolve())
-        if isinstance(c, str) and c.startswith((".", "/"))
-        else c
-        for c in spec.get("channels") or []
+        _local_channel(at("channels", number), channel, path.parent, document.roots)
+        for number, channel in enumerate(channels)
     ]
     imported = {
         "name": spec.get("name"),
@@ -732,29 +991,63 @@ def _imported_environment(document: _Document, index: int, env: dict) -> dict:
         "python": python,
     }
     merged = {k: v for k, v in imported.items() if v} | env
-    return {**merged, "environment_file": path}
+    return {**merged, "environment_file": str(path)}
+
+
+def _environment_paths(document: _Document, index: int, env: object) -> object:
+    """An environment with its local channels and its environment file's content resolved."""
+    if not isinstance(env, dict):
+        return env
+    channels = env.get("channels")
+    if isinstance(channels, list):
+        where = [
+            _where(document, ("environments", index, "channels", n)) for n in range(len(channels))
+        ]
+        channels = [
+            _local_channel(w, c, document.path.parent, document.roots)
+            for w, c in zip(where, channels, strict=True)
+        ]
+        env = {**env, "channels": channels}
+    if "environment_file" in env:
+        env = _imported_environment(document, index, env)
+    return env
+
+
+def _notebook(document: _Document, loc: tuple, value: object) -> str:
+    """A sample notebook named in the profile: a JSON object, as Jupyter saves it."""
+    path = _named_file(document, loc, value, ".ipynb")
+    where = _where(document, loc)
+    try:
+        notebook = json.loads(_read_file(path, where, MAX_NOTEBOOK_BYTES, "notebook"))
+    except ValueError as error:
+        raise ProfileError(
+            f"{where}: {path.name} is not a notebook (not JSON: {error}); save it again from "
+            "Jupyter"
+        ) from None
+    if not isinstance(notebook, dict) or not isinstance(notebook.get("metadata", {}), dict):
+        raise ProfileError(
+            f"{where}: {path.name} is not a notebook (JSON, but not an object with cells and "
+            "metadata); save it again from Jupyter"
+        )
+    return str(path)
 
 
 def _absolute_paths(document: _Document) -> dict:
-    """The document's data with its file paths (notebooks, TLS files) made absolute."""
+    """The document's data with the files and local channels it names made absolute, each
+    checked to lie under the allowed roots."""
     data = dict(document.data)
     notebooks = data.get("notebooks")
     if isinstance(notebooks, list):
         data["notebooks"] = [
-            _file_path(document, ("notebooks", i), n, ".ipynb") for i, n in enumerate(notebooks)
+            _notebook(document, ("notebooks", i), n) for i, n in enumerate(notebooks)
         ]
     envs = data.get("environments")
     if isinstance(envs, list):
-        data["environments"] = [
-            _imported_environment(document, i, env)
-            if isinstance(env, dict) and "environment_file" in env
-            else env
-            for i, env in enumerate(envs)
-        ]
+        data["environments"] = [_environment_paths(document, i, env) for i, env in enumerate(envs)]
     tls = (data.get("jupyter") or {}).get("tls") if isinstance(data.get("jupyter"), dict) else None
     if isinstance(tls, dict):
         resolved = {
-            key: _file_path(document, ("jupyter", "tls", key), tls[key], "")
+            key: str(_named_file(document, ("jupyter", "tls", key), tls[key]))
             for key in ("certificate", "key")
             if key in tls
         }
@@ -762,10 +1055,75 @@ def _absolute_paths(document: _Document) -> dict:
     return data
 
 
+def _spki(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_client_tls(chain: list[_Document], tls: TLS) -> None:
+    """The client's certificate is a PEM chain whose leaf has not expired, and its key an
+    unencrypted PEM private key of that leaf (nginx reads both at boot, unattended)."""
+    cert_at = _where_in(chain, ("jupyter", "tls", "certificate"))
+    key_at = _where_in(chain, ("jupyter", "tls", "key"))
+    cert_path, key_path = Path(tls.certificate), Path(tls.key)
+    pem = _read_file(cert_path, cert_at, MAX_TEXT_BYTES, "certificate")
+    if b"PRIVATE KEY-----" in pem:
+        raise ProfileError(
+            f"{cert_at}: {cert_path.name} also holds a private key, and the certificate is "
+            "installed world-readable; keep only the certificates in it and the key in "
+            "jupyter.tls.key"
+        )
+    try:
+        leaf = x509.load_pem_x509_certificates(pem)[0]
+    except ValueError:
+        raise ProfileError(
+            f"{cert_at}: {cert_path.name} is not a PEM certificate chain (-----BEGIN "
+            "CERTIFICATE-----, leaf first); convert it with `openssl x509 -outform PEM`"
+        ) from None
+    expiry = leaf.not_valid_after_utc
+    if expiry <= datetime.now(UTC):
+        raise ProfileError(
+            f"{cert_at}: {cert_path.name} expired on {expiry:%Y-%m-%d}; renew the certificate"
+        )
+    try:
+        key = serialization.load_pem_private_key(
+            _read_file(key_path, key_at, MAX_TEXT_BYTES, "private key"), password=None
+        )
+    except TypeError:
+        raise ProfileError(
+            f"{key_at}: {key_path.name} is encrypted, and nginx starts unattended; give it "
+            "unencrypted (`openssl pkey -in KEY -out KEY.pem`)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ProfileError(
+            f"{key_at}: {key_path.name} is not a PEM private key (-----BEGIN PRIVATE "
+            "KEY-----); export the key as PEM"
+        ) from None
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        raise ProfileError(
+            f"{key_at}: {key_path.name} is not the key of {cert_path.name}'s first "
+            "certificate; name the key that certificate was issued for"
+        )
+
+
+def _where_in(chain: list[_Document], loc: tuple) -> str:
+    """file:line: field of `loc` in the most specific document of the chain that sets it."""
+    return _where(next((d for d in chain if _walk(d.root, loc)[1]), chain[0]), loc)
+
+
+def _parse_loc(text: str) -> tuple:
+    """('environments', 0, 'channels') from 'environments[0].channels'."""
+    return tuple(
+        int(part[1:-1]) if part.startswith("[") else part
+        for part in re.findall(r"\[\d+\]|[a-z_]+", text)
+    )
+
+
 def load_profile(path: Path | str) -> LoadedProfile:
     """Read and validate a profile (and what it extends), raising ProfileError with one line
     on any problem."""
-    chain = _load_chain(Path(path))
+    chain = _load_chain(Path(path), allowed_roots(Path(path)))
     data: dict = {}
     for document in reversed(chain):
         data = _merge(data, _absolute_paths(document))
@@ -776,13 +1134,15 @@ def load_profile(path: Path | str) -> LoadedProfile:
         error = _pick_error(exc.errors())
         loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
         detail = _describe(error, _fields_at(loc))
-        named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", detail)
-        if named and [str(p) for p in loc] == named.group(1).split(".")[: len(loc)]:
-            loc, detail = tuple(named.group(1).split(".")), named.group(2)
+        named = re.match(r"^([a-z_]+(?:\.[a-z_]+|\[\d+\])*): (.*)$", detail)
+        if named and list(loc) == list(_parse_loc(named.group(1)))[: len(loc)]:
+            loc, detail = _parse_loc(named.group(1)), named.group(2)
         source = next((d for d in chain if _walk(d.root, loc)[1]), chain[0])
         line = _line_of(source.root, loc)
         where = f"{source.path}:{line}" if line else str(source.path)
         raise ProfileError(f"{where}: {_field_path(loc)}: {detail}") from None
+    if profile.jupyter.tls is not None:
+        _check_client_tls(chain, profile.jupyter.tls)
     digest = hashlib.sha256(b"".join(d.raw for d in chain))
     for notebook in profile.notebooks:
         digest.update(Path(notebook).read_bytes())

@@ -23,13 +23,15 @@ from rattler.exceptions import SolverError
 from factory import cpu, gpu
 from factory.cache import cache_dir, fetch_locked, inputs_key
 from factory.errors import FactoryError
-from factory.profile import Environment, LoadedProfile, package_name
+from factory.profile import Environment, LoadedProfile, package_name, spec_channel
 
 TARGET_PLATFORMS = ["linux-64", "noarch"]
 PIP_PLATFORMS = ["manylinux2014_x86_64", "linux_x86_64"] + [
     f"manylinux_2_{minor}_x86_64" for minor in range(5, 37)
 ]
 LOCK_FORMAT = 1
+# Lock-time pip reads only this index: the host's pip configuration is ignored (--isolated).
+PIP_INDEX_URL = "https://pypi.org/simple"
 
 
 class ConflictError(FactoryError):
@@ -123,6 +125,29 @@ def _conda_specs(env: Environment) -> list[str]:
     return specs
 
 
+def solve_channels(loaded: LoadedProfile, env: Environment) -> tuple[list[str], list[str]]:
+    """The channel URLs to solve against and the conda specs to solve, read as conda reads
+    them: a spec's 'channel::' is the environment's channel of that name (as written, or the
+    last part of its URL), else that channel resolved like any other and added after the
+    environment's; the spec then names the channel by URL."""
+    urls = [loaded.resolve_channel(c) for c in env.channels]
+    by_name: dict[str, str] = {}
+    for channel, url in zip(env.channels, urls, strict=True):
+        by_name.setdefault(channel, url)
+        by_name.setdefault(url.rstrip("/").rsplit("/", 1)[-1], url)
+    specs = []
+    for spec in _conda_specs(env):
+        name = spec_channel(spec)
+        if name is None:
+            specs.append(spec)
+            continue
+        url = by_name.get(name) or loaded.resolve_channel(name)
+        if url not in urls:
+            urls.append(url)
+        specs.append(f"{url.rstrip('/')}::{spec.split('::', 1)[1]}")
+    return urls, specs
+
+
 def _conflict_summary(env: Environment, specs: list[str], text: str) -> str:
     names = {package_name(s) for s in specs}
     mentioned = sorted(n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
@@ -148,14 +173,15 @@ def _conflict_summary(env: Environment, specs: list[str], text: str) -> str:
 
 def solve_conda(loaded: LoadedProfile, env: Environment) -> list[CondaPackage]:
     """Solve the conda side of one environment for linux-64."""
+    urls, solved = solve_channels(loaded, env)
     specs = _conda_specs(env)
-    channels = [Channel(loaded.resolve_channel(c)) for c in env.channels]
+    channels = [Channel(url) for url in urls]
     gateway = rattler.Gateway(cache_dir=cache_dir() / "rattler")
 
     async def solve() -> list:
         return await rattler.solve(
             channels,
-            specs,
+            solved,
             gateway=gateway,
             platforms=TARGET_PLATFORMS,
             virtual_packages=_virtual_packages(loaded),
@@ -169,7 +195,7 @@ def solve_conda(loaded: LoadedProfile, env: Environment) -> list[CondaPackage]:
     except Exception as error:  # rattler raises many channel errors; all mean the same here
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FactoryError(
-            f"environment '{env.name}': cannot read channels {env.channels}: {text}; "
+            f"environment '{env.name}': cannot read channels {urls}: {text}; "
             "check the channel URLs or paths"
         ) from None
     packages = [
@@ -202,7 +228,8 @@ def solve_pip(env_name: str, python: str, requirements: list[str]) -> list[PipPa
         return []
     with tempfile.TemporaryDirectory(prefix="factory-pip-") as scratch:
         report = Path(scratch) / "report.json"
-        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed"]
+        command = [sys.executable, "-m", "pip", "install", "--isolated", "--index-url"]
+        command += [PIP_INDEX_URL, "--dry-run", "--ignore-installed"]
         command += ["--quiet", "--report", str(report), "--target", str(Path(scratch) / "t")]
         command += pip_target_args(python) + ["--", *requirements]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -237,7 +264,7 @@ def environment_inputs(loaded: LoadedProfile, env: Environment) -> str:
         {
             "format": LOCK_FORMAT,
             "python": env.python,
-            "channels": [loaded.resolve_channel(c) for c in env.channels],
+            "channels": solve_channels(loaded, env)[0],
             "conda": _conda_specs(env),
             "pip": env.pip,
             "virtual_packages": loaded.profile.target_virtual_packages(),
