@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
 from factory.handover import write_handover
 from factory.keys import ephemeral_keypair
+from factory.processes import die_with_parent
 from factory.profile import LoadedProfile
 from factory.progress import Progress
 from factory.render import BuildInputs, build_vm_size, packer_env, render_build_dir
@@ -39,6 +41,8 @@ from factory.resolve import lock_dir_for, lock_profile
 HOST_ONLY_PAYLOAD_DIRS = ["channel", "wheels", "installer", "conda-installer"]
 # Payload parts left out of the delivery's copy of the build folder: large, or secret.
 UNDELIVERED_PAYLOAD_DIRS = [*HOST_ONLY_PAYLOAD_DIRS, "tls"]
+# The whole `packer build`; each provisioner also has its own limit in the template.
+PACKER_TIME_LIMIT_MINUTES = 240
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class BuildOptions:
     accelerator: str = "auto"
     force: bool = False
     ova_digest: str = export.DEFAULT_OVA_DIGEST
+    time_limit_minutes: float = PACKER_TIME_LIMIT_MINUTES
 
 
 def delivery_dir(outputs: Path, loaded: LoadedProfile) -> Path:
@@ -147,8 +152,15 @@ def _step_of(text: str) -> str | None:
     return None
 
 
-def run_packer(build_dir: Path, key_file: Path, log_path: Path, progress: Progress) -> None:
-    """Run `packer build`, streaming its log to a file and its steps to the progress line."""
+def run_packer(
+    build_dir: Path,
+    key_file: Path,
+    log_path: Path,
+    progress: Progress,
+    time_limit_minutes: float = PACKER_TIME_LIMIT_MINUTES,
+) -> None:
+    """Run `packer build`, streaming its log to a file and its steps to the progress line.
+    Past `time_limit_minutes` packer and everything it started are stopped."""
     progress.set_stage("packer build")
     command = ["packer", "build", "-machine-readable", "-on-error=cleanup"]
     command += ["-var-file=image.pkrvars.hcl", "image.pkr.hcl"]
@@ -161,7 +173,17 @@ def run_packer(build_dir: Path, key_file: Path, log_path: Path, progress: Progre
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
+        expired = threading.Event()
+
+        def stop_at_time_limit() -> None:
+            expired.set()
+            _stop_process_group(process)
+
+        watchdog = threading.Timer(time_limit_minutes * 60, stop_at_time_limit)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -177,8 +199,16 @@ def run_packer(build_dir: Path, key_file: Path, log_path: Path, progress: Progre
                     progress.refresh()
             code = process.wait()
         except BaseException:
+            watchdog.cancel()
             _stop_process_group(process)
             raise
+        watchdog.cancel()
+    if expired.is_set():
+        watchdog.join()  # until packer's whole process group is gone
+        raise FactoryError(
+            f"packer build ran past its time limit of {time_limit_minutes:g} min and was "
+            f"stopped; see the log {log_path}; if it was only slow, raise --time-limit"
+        )
     if code != 0:
         raise ToolError(f"packer build failed (exit {code}); see the log {log_path}")
 
@@ -278,7 +308,13 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     )
                     for name in HOST_ONLY_PAYLOAD_DIRS:
                         shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
-                    run_packer(build_dir, key.private_key_file, staging / "build.log", progress)
+                    run_packer(
+                        build_dir,
+                        key.private_key_file,
+                        staging / "build.log",
+                        progress,
+                        options.time_limit_minutes,
+                    )
                 progress.set_stage("export")
                 artifacts = export_delivery(loaded, staging, options, progress)
             finished = datetime.now(UTC)

@@ -5,8 +5,10 @@ profile -> resolve (lock) -> render -> build -> export -> validate
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -58,11 +60,38 @@ def format_option(default: str):
 
 
 class Terminated(BaseException):
-    """SIGTERM, handled like Ctrl-C so every stage cleans up."""
+    """SIGTERM, SIGHUP or SIGQUIT, handled like Ctrl-C so every stage cleans up."""
 
 
-def _on_sigterm(signum, frame) -> None:
+# `kill`, a closed terminal or dropped SSH session, and Ctrl-\: each stops factory cleanly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    if signum == signal.SIGHUP:
+        _leave_hung_up_terminal()
     raise Terminated()
+
+
+def _leave_hung_up_terminal() -> None:
+    """After a hang-up every write to the terminal fails (EIO), which would cut the cleanup
+    short: send stdout and stderr to /dev/null when they are a terminal."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def install_signal_handlers() -> None:
+    """Every stop signal raises an exception, so every stage's cleanup runs."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+    # Also when started in the background, where SIGINT arrives ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _err(message: str) -> None:
@@ -207,6 +236,13 @@ def render(profile: Path, outputs: Path, into: Path | None) -> None:
     help="QEMU accelerator; auto uses KVM only where it really boots a guest.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing delivery of this version.")
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=1),
+    envvar="FACTORY_BUILD_TIME_LIMIT",
+    help="Minutes `packer build` may run before it is stopped (default 240); each "
+    "provisioner also stops after PKR_VAR_provisioner_timeout (default 90m).",
+)
 @ova_digest_option
 @format_option("ova")
 @box_url_option
@@ -215,13 +251,14 @@ def build(
     outputs: Path,
     accelerator: str,
     force: bool,
+    time_limit: float | None,
     ova_digest: str,
     formats: str,
     box_url: str | None,
 ) -> None:
     """Pre-flight, lock, render, packer build and export one profile."""
     from factory.boxes import BOX_FORMATS, check_box_url, export_delivery_boxes, parse_formats
-    from factory.build import BuildOptions, build_image
+    from factory.build import PACKER_TIME_LIMIT_MINUTES, BuildOptions, build_image
     from factory.profile import load_profile
     from factory.progress import plain_log
 
@@ -231,7 +268,11 @@ def build(
     loaded = load_profile(profile)
     started = time.monotonic()
     options = BuildOptions(
-        outputs=outputs, accelerator=accelerator, force=force, ova_digest=ova_digest
+        outputs=outputs,
+        accelerator=accelerator,
+        force=force,
+        ova_digest=ova_digest,
+        time_limit_minutes=time_limit or PACKER_TIME_LIMIT_MINUTES,
     )
     final = build_image(loaded, options)
     if boxes:
@@ -369,15 +410,14 @@ def main() -> None:
         _run()
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a closed pipe or terminal
+            stream.flush()
     os._exit(code)
 
 
 def _run() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    # Also when started in the background, where SIGINT arrives ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_signal_handlers()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

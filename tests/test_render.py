@@ -238,6 +238,30 @@ def test_industry_profile_renders_and_packer_validates(name, tmp_path):
     assert kernel == load_profile(REPO / "profiles" / f"{name}.yaml").profile.environments[0].name
 
 
+@pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
+@pytest.mark.parametrize(
+    "name, restrict",
+    [("bank_credit_risk_v2", True), ("factory_predictive_maintenance_v1", False)],
+)
+def test_build_vm_is_bounded_in_time_and_reachable_only_from_loopback(name, restrict, tmp_path):
+    """Every shell provisioner stops after var.provisioner_timeout (90m unless overridden);
+    the build VM's SSH forward binds 127.0.0.1, online or air-gapped (restrict=on). The
+    render's own `packer validate` accepts both."""
+    result = run_factory("render", f"profiles/{name}.yaml", "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    template = parse_hcl((tmp_path / "renders" / name / "image.pkr.hcl").read_text())
+    variables = {k: v for block in template["variable"] for k, v in block.items()}
+    assert variables["provisioner_timeout"]["default"] == "90m"
+    shells = [p["shell"] for p in template["build"][0]["provisioner"] if "shell" in p]
+    assert shells and all(s["timeout"] == "${var.provisioner_timeout}" for s in shells)
+    qemuargs = dict(template["source"][0]["qemu"]["image"]["qemuargs"])
+    options = qemuargs["-netdev"].split(",")
+    assert options[:2] == ["user", "id=user.0"]
+    assert "hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22" in options
+    assert ("restrict=on" in options) is restrict
+    assert qemuargs["-device"] == "virtio-net,netdev=user.0"
+
+
 def test_industry_profiles_share_presets_not_copies():
     """The examples inherit security, monitoring and notebooks from presets."""
     for name in INDUSTRY_PROFILES:
