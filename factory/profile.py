@@ -895,7 +895,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 def _local_channel(where: str, channel: object, folder: Path, roots: tuple[Path, ...]) -> object:
     """A channel, with a local channel folder made a file:// URL (after symlinks) from
-    `folder`. The folder must lie under the allowed roots or the factory cache's channels."""
+    `folder`. An existing folder must lie under the allowed roots or the factory cache's
+    channels; a missing one (a delivered profile read on another host) is left to the solver."""
     from factory.cache import cache_dir
 
     if not isinstance(channel, str) or not _plain_channel(channel):
@@ -911,8 +912,10 @@ def _local_channel(where: str, channel: object, folder: Path, roots: tuple[Path,
         return channel
     else:
         path = folder / channel
+    if not path.resolve().exists():
+        return path.resolve().as_uri()  # nothing to read here; the solver says it is missing
     resolved = _confined(where, channel, path, (*roots, cache_dir() / "channels"))
-    if resolved.exists() and not resolved.is_dir():
+    if not resolved.is_dir():
         raise ProfileError(
             f"{where}: {channel} is not a folder; a local channel is a folder holding "
             "noarch/ and linux-64/ with their repodata.json"

@@ -184,3 +184,62 @@ def test_lock_refuses_a_framework_built_for_another_cuda(tmp_path, test_channel)
     )
     result = run_factory("lock", str(path))
     assert result.returncode == 0, result.stderr
+
+
+def test_environment_yml_with_channel_specs_is_locked_from_that_channel(tmp_path, test_channel):
+    """conda's reading of an environment.yml: 'conda-forge::six' is taken from the channel
+    named conda-forge (here a local mirror folder of that name), alongside a pip section; the
+    lock solves for real and every package comes from that folder."""
+    mirror = tmp_path / "conda-forge"
+    mirror.mkdir()
+    for subdir in ("noarch", "linux-64"):
+        (mirror / subdir).symlink_to(test_channel / subdir)
+    (tmp_path / "environment.yml").write_text("""\
+name: scoring
+channels:
+  - ./conda-forge
+dependencies:
+  - conda-forge::python=3.11
+  - conda-forge::six>=1.16
+  - pip
+  - pip:
+      - tabulate==0.10.0
+""")
+    path = profile_with(tmp_path, test_channel, "[]")
+    text = path.read_text().split("environments:")[0]
+    path.write_text(text + "environments:\n  - environment_file: environment.yml\n")
+    loaded = load_profile(path)
+    env = loaded.profile.environments[0]
+    assert env.python == "3.11"
+    assert env.conda == ["conda-forge::python=3.11", "conda-forge::six>=1.16", "pip"]
+    lock = lock_profile(loaded, log=lambda _: None)["scoring"]
+    six = next(p for p in lock.conda if p.name == "six")
+    assert six.version == "1.17.0"
+    assert six.url.startswith(mirror.as_uri() + "/noarch/")
+    assert {p.url.rsplit("/", 2)[0] for p in lock.conda} == {mirror.as_uri()}
+    assert [(p.name, p.version) for p in lock.pip] == [("tabulate", "0.10.0")]
+
+
+def test_a_spec_channel_that_holds_no_match_is_a_conflict(tmp_path, test_channel):
+    """'channel::name' really restricts the solve: the test channel's six is not taken for
+    a spec that names another channel of the environment."""
+    other = tmp_path / "other"
+    (other / "noarch").mkdir(parents=True)
+    (other / "noarch" / "repodata.json").write_text('{"info": {"subdir": "noarch"}}')
+    path = profile_with(tmp_path, test_channel, '["other::six"]')
+    path.write_text(path.read_text().replace("channels: [", 'channels: ["./other", '))
+    result = run_factory("lock", str(path))
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "six" in errors[0], result.stderr
+
+
+def test_lock_time_pip_ignores_the_hosts_pip_configuration(tmp_path, monkeypatch):
+    """solve_pip runs pip --isolated against PyPI: a host PIP_* setting that would send it
+    elsewhere (here: no index at all, an empty find-links) does not reach it."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    packages = solve_pip("model", "3.11", ["tabulate==0.10.0"])
+    assert [(p.name, p.version) for p in packages] == [("tabulate", "0.10.0")]
+    assert packages[0].url.startswith("https://files.pythonhosted.org/")
