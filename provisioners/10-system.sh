@@ -18,13 +18,20 @@ chmod 440 /etc/sudoers.d/50-factory-admin
 visudo -c >/dev/null
 
 install -d -m 755 /etc/ssh/sshd_config.d
-cat > /etc/ssh/sshd_config.d/50-factory.conf <<'CONF'
+# sshd keeps the first value it reads: 00- sorts before any drop-in cloud-init or a package
+# adds. TCP forwarding stays on: the validator reaches Jupyter through it.
+rm -f /etc/ssh/sshd_config.d/50-factory.conf
+cat > /etc/ssh/sshd_config.d/00-factory.conf <<'CONF'
 # Installed by factory: keys only, no root.
 PermitRootLogin no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitEmptyPasswords no
+X11Forwarding no
+MaxAuthTries 3
+LoginGraceTime 30
 CONF
+sshd -t
 passwd --lock root >/dev/null
 
 install -d -m 755 /etc/factory

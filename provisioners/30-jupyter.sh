@@ -43,11 +43,18 @@ ProtectSystem=full
 WantedBy=multi-user.target
 UNIT
 systemctl enable jupyter.service
+# A new token on demand, made as on first boot (root only).
+install -m 700 "$FACTORY_PAYLOAD/factory-rotate-token" /usr/local/sbin/factory-rotate-token
 
 # nginx: HTTPS on 443 with the first-boot (or the client's) certificate, HTTP redirects.
 rm -f /etc/nginx/sites-enabled/default
 cat > /etc/nginx/sites-available/jupyter <<NGINX
 # Installed by factory.
+# The access log names the path without its query string (\$uri, not \$request) and no
+# referer: Jupyter links carry ?token=..., which must never reach a log.
+log_format factory_no_query '\$remote_addr - \$remote_user [\$time_local] '
+                            '"\$request_method \$uri \$server_protocol" \$status '
+                            '\$body_bytes_sent "\$http_user_agent"';
 map \$http_upgrade \$connection_upgrade {
     default upgrade;
     ''      close;
@@ -65,7 +72,7 @@ server {
     ssl_protocols TLSv1.2 TLSv1.3;
     server_tokens off;
     client_max_body_size 512m;
-    access_log /var/log/nginx/jupyter-access.log;
+    access_log /var/log/nginx/jupyter-access.log factory_no_query;
     add_header Strict-Transport-Security "max-age=31536000" always;
     # Jupyter's metrics are for the local Prometheus only.
     location = /metrics { return 403; }

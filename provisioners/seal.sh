@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Last step before export: remove the build user, host keys, identities, caches and logs,
-# then power off. Runs as packer's shutdown command.
-set -uo pipefail
+# Last step before export: remove the build user, host keys, identities, caches, crash dumps
+# and logs, then power off. Runs as packer's shutdown command. Any failure stops here, with
+# the failed line in the build log, and the VM does not power off: packer then fails the
+# build instead of exporting a half-sealed image.
+set -euo pipefail
+trap 'echo "seal: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 # shellcheck source=/dev/null
 . /etc/factory/settings.sh
 echo "factory-step: seal"
-systemctl stop jupyter.service nginx.service 2>/dev/null || true
+# apt's timers too: they would hold apt's lock or fetch package lists again behind us.
+for unit in jupyter.service nginx.service apt-daily.timer apt-daily-upgrade.timer \
+    apt-daily.service apt-daily-upgrade.service; do
+    if systemctl cat "$unit" >/dev/null 2>&1; then
+        systemctl stop "$unit"
+    fi
+done
 
 rm -f /etc/factory/jupyter.env
 if [ ! -e /etc/factory/tls/client-supplied ]; then
@@ -21,17 +30,27 @@ rm -f /etc/ssh/ssh_host_*
 rm -f /var/lib/dkms/mok.key
 truncate -s 0 /etc/machine-id
 rm -f /var/lib/dbus/machine-id
-cloud-init clean --logs --seed >/dev/null 2>&1 || true
+# Every clone would start from the same entropy seed.
+rm -f /var/lib/systemd/random-seed
+cloud-init clean --logs --seed
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-rm -f /root/.bash_history
+# Crash dumps hold process memory from the build.
+rm -rf /var/crash/* /var/lib/systemd/coredump/*
+rm -rf /root/.bash_history /root/.python_history /root/.cache /root/.conda
 find /var/log -type f \( -name '*.gz' -o -name '*.[0-9]' \) -delete
 find /var/log -type f -exec truncate -s 0 {} +
 rm -rf /var/log/journal/*
 
 rm -f /etc/sudoers.d/90-cloud-init-users
-userdel --force --remove "$BUILD_USER" 2>/dev/null || true
+# --force: packer is still logged in as the build user, running this script.
+userdel --force --remove "$BUILD_USER" 2>/dev/null || echo "seal: userdel $BUILD_USER exit $?" >&2
+if getent passwd "$BUILD_USER" >/dev/null; then
+    echo "seal: the build user $BUILD_USER is still there" >&2
+    exit 1
+fi
 rm -rf "/home/${BUILD_USER:?}"
-rm -rf /tmp/factory-payload /tmp/* /var/tmp/*
+# Dotfiles too, which a plain /tmp/* misses.
+find /tmp /var/tmp -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +
 sync
 systemctl poweroff --no-block

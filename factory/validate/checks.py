@@ -165,6 +165,12 @@ def _quote(text: str) -> str:
     return shell_word(text)
 
 
+def http_status_command(url: str, headers_on_stdin: bool = False) -> str:
+    """curl printing only the HTTP status of a GET. With headers_on_stdin, curl reads request
+    headers from its stdin (-H @-), so a token never appears on a command line (ps, auditd)."""
+    return f"curl -s -o /dev/null -w '%{{http_code}}' {'-H @- ' if headers_on_stdin else ''}{url}"
+
+
 def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
     jupyter = ctx.loaded.profile.jupyter
     group = "jupyter"
@@ -197,7 +203,7 @@ def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
     url = f"http://127.0.0.1:{jupyter.port}/api/status"
     answer = ""
     while time.monotonic() < deadline:
-        probe = ctx.target.run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}")
+        probe = ctx.target.run(http_status_command(url))
         answer = probe.stdout.strip()
         if answer in ("200", "403"):
             break
@@ -211,8 +217,8 @@ def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
         )
     )
     authorised = ctx.target.run(
-        f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: token $(cat)\" {url}",
-        stdin=jupyter_token(ctx),
+        http_status_command(url, headers_on_stdin=True),
+        stdin=f"Authorization: token {jupyter_token(ctx)}\n",
     ).stdout.strip()
     results.append(
         _result(
@@ -446,22 +452,65 @@ def check_offline(ctx: CheckContext) -> list[CheckResult]:
     specs = [f"python={first.python}"] + [
         n for n in map(package_name, first.conda) if n not in ("python",)
     ]
+    # A live host is left as it was found: the probe environment goes into a fresh temporary
+    # folder, which is removed afterwards, on a throwaway VM too (one path, tested by both).
+    made = ctx.target.run("sudo mktemp -d /var/tmp/factory-probe.XXXXXXXX")
+    work = made.stdout.strip()
+    if not made.ok or not PROBE_FOLDER.fullmatch(work):
+        reason = (made.stderr.strip() or work or "no output")[-300:]
+        results.append(
+            _result(
+                "offline: a new environment is created from the baked channel",
+                False,
+                f"cannot make a temporary folder: {reason}",
+                group,
+            )
+        )
+        return results
+    try:
+        results += _offline_probe(ctx, first, specs, work, group)
+    finally:
+        ctx.target.run(f"sudo rm -rf -- {work}")
+    return results
+
+
+# Runs the image's own factory-env (its argument checks, solve and install) with its
+# environments folder moved to argv[1], so that the probe never touches /opt/conda/envs.
+FACTORY_ENV_IN_FOLDER = r"""
+import importlib.machinery, importlib.util, pathlib, sys
+loader = importlib.machinery.SourceFileLoader("factory_env", "/usr/local/bin/factory-env")
+module = importlib.util.module_from_spec(importlib.util.spec_from_loader("factory_env", loader))
+loader.exec_module(module)
+module.ENVS = pathlib.Path(sys.argv[1])
+sys.argv = ["factory-env", "create", *sys.argv[2:]]
+module.main()
+"""
+PROBE_FOLDER = re.compile(r"/var/tmp/factory-probe\.[A-Za-z0-9]{8}")
+
+
+def _offline_probe(
+    ctx: CheckContext, first: Environment, specs: list[str], work: str, group: str
+) -> list[CheckResult]:
+    """Create an environment from the baked channel, then pip-install into it, in `work`."""
     create = ctx.target.run(
-        f"sudo factory-env create factory-probe {' '.join(map(_quote, specs))}", timeout=900
+        f"sudo python3 -c {_quote(FACTORY_ENV_IN_FOLDER)} {work} factory-probe "
+        + " ".join(map(_quote, specs)),
+        timeout=900,
     )
-    results.append(
+    results = [
         _result(
             "offline: a new environment is created from the baked channel",
             create.ok,
             (create.stdout or create.stderr).strip()[-300:],
             group,
         )
-    )
+    ]
     if create.ok and first.pip and "pip" in specs:
         package = package_name(first.pip[0])
+        python = f"{work}/factory-probe/bin/python"
         pip = ctx.target.run(
-            f"sudo /opt/conda/envs/factory-probe/bin/python -m pip install -q {_quote(package)}"
-            f" && /opt/conda/envs/factory-probe/bin/python -m pip show {_quote(package)}",
+            f"sudo {python} -m pip install -q {_quote(package)}"
+            f" && sudo {python} -m pip show {_quote(package)}",
             timeout=600,
         )
         results.append(
