@@ -151,6 +151,14 @@ def solve_channels(loaded: LoadedProfile, env: Environment) -> tuple[list[str], 
 def _conflict_summary(env: Environment, specs: list[str], text: str) -> str:
     names = {package_name(s) for s in specs}
     mentioned = sorted(n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
+    elsewhere = re.search(r"(\S+) \S+ is excluded because candidate not in requested channel", text)
+    if elsewhere:
+        qualified = [s for s in specs if package_name(s) == elsewhere.group(1) and "::" in s]
+        return (
+            f"environment '{env.name}': {elsewhere.group(1)} is not in the channel that "
+            f"{', '.join(qualified) or 'its spec'} names; add it to that channel or name "
+            "another one"
+        )
     unmet = re.search(r"(\S+) \S+ would require\s*\n\W*(.+?), for which no candidates", text)
     if unmet:
         return (

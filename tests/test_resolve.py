@@ -231,7 +231,11 @@ def test_a_spec_channel_that_holds_no_match_is_a_conflict(tmp_path, test_channel
     result = run_factory("lock", str(path))
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "six" in errors[0], result.stderr
+    assert len(errors) == 1, result.stderr
+    assert errors[0] == (
+        "error: environment 'model': six is not in the channel that other::six names; add it "
+        "to that channel or name another one"
+    )
 
 
 def test_lock_time_pip_ignores_the_hosts_pip_configuration(tmp_path, monkeypatch):
