@@ -31,6 +31,7 @@ FIRST_BOOT_SECRETS = [
     "/etc/factory/tls/jupyter.key",
 ]
 TLS_CERT = "/etc/factory/tls/jupyter.crt"
+PRIVATE_KEY_MARK = "PRIVATE KEY-----"
 SCANNED_DIRS = "/etc /root /home /srv /var /tmp /opt/factory /usr/local"
 # Where the running Jupyter server keeps its own connection files (mode 0600, its user).
 JUPYTER_RUNTIME = "/srv/jupyter/.local/share/jupyter/runtime/"
@@ -514,8 +515,10 @@ def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
     makes them, and (on a fresh boot) were made by this boot."""
     group = "hygiene"
     problems = []
+    # Patterns go on stdin: a command line holding them would land in the journal via sudo.
     found = ctx.target.run(
-        f"sudo grep -rlI --exclude-dir=proc -e 'PRIVATE KEY-----' {SCANNED_DIRS} 2>/dev/null"
+        f"sudo grep -rlI --exclude-dir=proc -f /dev/stdin {SCANNED_DIRS} 2>/dev/null",
+        stdin=PRIVATE_KEY_MARK + "\n",
     ).stdout.split()
     allowed = {"/etc/factory/tls/jupyter.key"} | {
         p for p in found if re.match(r"^/etc/ssh/ssh_host_\w+_key$", p)
@@ -537,7 +540,7 @@ def check_image_hygiene(ctx: CheckContext) -> list[CheckResult]:
     ]
     journal = ctx.target.run(
         "sudo bash -c 'exec 3<&0; journalctl -o cat --no-pager | grep -cF -f /dev/fd/3'",
-        stdin=(token + "\n" if token else "") + "PRIVATE KEY-----\n",
+        stdin=(token + "\n" if token else "") + PRIVATE_KEY_MARK + "\n",
     ).stdout.strip()
     if journal not in ("", "0"):
         problems.append(f"{journal} journal line(s) hold the token or a private key")
