@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from factory import assemble, base, cpu, export, gpu, host
+from factory import assemble, base, cpu, export, gpu, host, updates
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
@@ -325,7 +325,11 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 tool_versions=tool_versions(),
                 started=started,
                 finished=finished,
-                extra={"name": loaded.name, "accelerator": accelerator},
+                extra={
+                    "name": loaded.name,
+                    "accelerator": accelerator,
+                    "security_index": security_index_summary(staging / updates.INDEX_FILE),
+                },
             )
             publish(staging, final)
         except BaseException:
@@ -376,7 +380,16 @@ def export_delivery(
         shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
     shutil.copytree(build_dir, delivery / "build")
     shutil.copy2(staging / "build.log", delivery / "build.log")
+    shutil.copy2(staging / updates.INDEX_FILE, delivery / updates.INDEX_FILE)
     return artifacts
+
+
+def security_index_summary(path: Path) -> dict | None:
+    """The security suite and date the image was upgraded against, for the manifest."""
+    index = json.loads(path.read_text())
+    if index is None:
+        return None
+    return {"suite": index["suite"], "date": index["date"], "packages": len(index["packages"])}
 
 
 def write_delivered_profile(loaded: LoadedProfile, delivery: Path) -> Path:

@@ -525,6 +525,7 @@ def _offline_probe(
 
 
 SUITES = (
+    "importer",
     "cpu",
     "cloud-init",
     "env",
