@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# Resolved once in the parent: the child between fork and exec only makes the call.
-_prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+# Resolved once, in the parent (the C library the interpreter runs on): between fork and exec
+# the child only makes the call.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def die_with_parent() -> None:
