@@ -312,6 +312,16 @@ def check_ssh_hardening(ctx: CheckContext) -> list[CheckResult]:
             group,
         ),
     ]
+    # TCP forwarding stays on: the validator reaches Jupyter through it.
+    limits = {"x11forwarding": "no", "maxauthtries": "3", "logingracetime": "30"}
+    results.append(
+        _result(
+            "ssh: no X11 forwarding, 3 tries and 30 s to log in",
+            all(settings.get(k) == v for k, v in limits.items()),
+            ", ".join(f"{k} {settings.get(k)}" for k in limits),
+            group,
+        )
+    )
     if ctx.root_login_probe is not None:
         outcome = ctx.root_login_probe()
         results.append(
