@@ -527,9 +527,8 @@ class Profile(Strict):
                 if channel.lower().startswith("http://") and channel not in self.insecure_channels:
                     raise ValueError(
                         f"environments[{index}].channels[{number}]: '{channel}' is plain "
-                        "http://, so "
-                        "anyone on the network path chooses what gets locked; use https://, or "
-                        "accept that by listing it exactly in insecure_channels"
+                        "http://, so anyone on the network path chooses what gets locked; use "
+                        "https://, or accept that by listing it exactly in insecure_channels"
                     )
         return self
 
@@ -734,7 +733,7 @@ def _path_to(node: yaml.Node | None, target: yaml.Node, loc: tuple = ()) -> tupl
     else:
         return None
     for part, child in children:
-        if child.start_mark.index >= node.start_mark.index:  # an alias points back
+        if child.start_mark.index > node.start_mark.index:  # not an alias pointing back
             found = _path_to(child, target, (*loc, part))
             if found is not None:
                 return found
@@ -912,9 +911,10 @@ def _local_channel(where: str, channel: object, folder: Path, roots: tuple[Path,
         return channel
     else:
         path = folder / channel
-    if not path.resolve().exists():
-        return path.resolve().as_uri()  # nothing to read here; the solver says it is missing
-    resolved = _confined(where, channel, path, (*roots, cache_dir() / "channels"))
+    resolved = path.resolve()
+    if not resolved.exists():
+        return resolved.as_uri()  # nothing to read here; the solver says it is missing
+    _confined(where, channel, resolved, (*roots, cache_dir() / "channels"))
     if not resolved.is_dir():
         raise ProfileError(
             f"{where}: {channel} is not a folder; a local channel is a folder holding "
@@ -935,14 +935,13 @@ def _imported_environment(document: _Document, index: int, env: dict) -> dict:
     root, spec = _parse_yaml(
         path, _read_file(path, where, MAX_TEXT_BYTES, "environment file"), "environment file"
     )
-    deps = spec.get("dependencies") if isinstance(spec, dict) else None
-    if deps is None:
+    if not isinstance(spec, dict) or spec.get("dependencies") is None:
         raise ProfileError(f"{where}: {path} has no 'dependencies' list (conda env export)")
+    deps = spec["dependencies"]
 
     def at(*field: str | int) -> str:
         return f"{path}:{_line_of(root, field)}: {_field_path(field)}"
 
-    assert isinstance(spec, dict)
     if not isinstance(deps, list):
         raise ProfileError(
             f"{at('dependencies')}: must be a list, one '- spec' per line (conda env export)"
@@ -1140,10 +1139,7 @@ def load_profile(path: Path | str) -> LoadedProfile:
         named = re.match(r"^([a-z_]+(?:\.[a-z_]+|\[\d+\])*): (.*)$", detail)
         if named and list(loc) == list(_parse_loc(named.group(1)))[: len(loc)]:
             loc, detail = _parse_loc(named.group(1)), named.group(2)
-        source = next((d for d in chain if _walk(d.root, loc)[1]), chain[0])
-        line = _line_of(source.root, loc)
-        where = f"{source.path}:{line}" if line else str(source.path)
-        raise ProfileError(f"{where}: {_field_path(loc)}: {detail}") from None
+        raise ProfileError(f"{_where_in(chain, loc)}: {detail}") from None
     if profile.jupyter.tls is not None:
         _check_client_tls(chain, profile.jupyter.tls)
     digest = hashlib.sha256(b"".join(d.raw for d in chain))
