@@ -46,6 +46,7 @@ PAYLOAD_FILES = [
     "seal.sh",
     "factory-firstboot",
     "factory-firstboot.service",
+    "factory-rotate-token",
 ]
 
 

@@ -74,10 +74,6 @@ def test_demo_renders_and_packer_validates(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
-@pytest.mark.xfail(
-    strict=True,
-    reason="factory/render.py PAYLOAD_FILES lacks factory-rotate-token (30-jupyter.sh installs it)",
-)
 def test_every_provisioners_file_a_stage_installs_is_in_the_payload(tmp_path):
     """A stage script that installs provisioners/<file> from $FACTORY_PAYLOAD finds it there."""
     build = render_demo(tmp_path)
