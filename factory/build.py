@@ -207,10 +207,15 @@ def run_packer(
         watchdog.join()  # until packer's whole process group is gone
         raise FactoryError(
             f"packer build ran past its time limit of {time_limit_minutes:g} min and was "
-            f"stopped; see the log {log_path}; if it was only slow, raise --time-limit"
+            f"stopped; see {log_path.name} in the build logs kept in outputs/logs/; if it was "
+            "only slow, raise --time-limit"
         )
     if code != 0:
-        raise ToolError(f"packer build failed (exit {code}); see the log {log_path}")
+        # The staging folder goes; keep_failure_logs saves the log under outputs/logs/.
+        raise ToolError(
+            f"packer build failed (exit {code}); see {log_path.name} in the build logs kept "
+            "in outputs/logs/"
+        )
 
 
 def _stop_process_group(process: subprocess.Popen) -> None:
