@@ -672,8 +672,10 @@ def _pick_error(errors: list[dict]) -> dict:
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-# The example profiles beside the package (a checkout's profiles/), which users start from.
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# The example profiles of a checkout (profiles/ beside the package), which users start from;
+# an installed package has none.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = _CHECKOUT / "profiles" if (_CHECKOUT / "pyproject.toml").is_file() else PRESETS_DIR
 ALLOWED_ROOTS_ENV_VAR = "FACTORY_ALLOWED_ROOTS"
 MAX_TEXT_BYTES = 1 << 20  # profiles, environment files, TLS files
 MAX_NOTEBOOK_BYTES = 64 << 20
