@@ -29,7 +29,7 @@ from pathlib import Path
 from factory import host, updates
 from factory.cache import cache_dir, inputs_key, local_write_error, sha256_file
 from factory.errors import FactoryError, ToolError
-from factory.processes import stop_gently
+from factory.processes import die_with_parent, stop_gently
 
 DEBIAN_RELEASES = {
     "debian-12": {"suite": "bookworm", "mirror": "http://deb.debian.org/debian"},
@@ -317,6 +317,7 @@ class _Runner:
             stdout=subprocess.PIPE if capture else self.logf,
             stderr=self.logf,
             text=True,
+            preexec_fn=die_with_parent,
         )
         try:
             out, _ = proc.communicate(input)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .cache import cache_dir, inputs_key
 from .errors import ToolError
+from .processes import die_with_parent
 
 ACCELERATORS = ("auto", "kvm", "tcg")
 KVM_DEVICE = "/dev/kvm"
@@ -413,6 +414,7 @@ def _boot(kernel: Path, accel: str, timeout: float) -> dict:
                 stdout=stderr,
                 stderr=stderr,
                 start_new_session=True,  # the terminal's Ctrl-C reaches us, not QEMU
+                preexec_fn=die_with_parent,
             )
             timed_out = False
             try:
