@@ -61,7 +61,8 @@ def credentials_text(loaded: LoadedProfile) -> str:
         "",
         f"- SSH: `ssh {admin}@HOST` with a key listed in the profile (passwords and root login",
         f"  are refused). {admin} is the only login account, also when the VM is imported",
-        "  without a cloud-init seed.",
+        "  without a cloud-init seed. sshd allows 3 tries per connection: with more keys in",
+        "  your SSH agent, name the key with `ssh -i KEY -o IdentitiesOnly=yes`.",
     ]
     if profile.jupyter.enabled:
         lines += [
