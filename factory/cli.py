@@ -107,11 +107,24 @@ def _err(message: str) -> None:
     help="Cache for base images and packages (default ~/.cache/factory).",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def cli(cache_dir: Path | None, debug: bool) -> None:
+@click.option(
+    "--allow-root",
+    "allow_roots",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A folder besides the profile's own that profiles may read files from (repeatable; "
+    "adds to $FACTORY_ALLOWED_ROOTS).",
+)
+def cli(cache_dir: Path | None, debug: bool, allow_roots: tuple[Path, ...]) -> None:
     """Turn a client profile into a built, exported and validated AI virtual machine."""
     global _debug
     _debug = debug
     set_cache_dir(cache_dir)
+    if allow_roots:
+        from factory.profile import ALLOWED_ROOTS_ENV_VAR
+
+        listed = [os.environ.get(ALLOWED_ROOTS_ENV_VAR, ""), *map(str, allow_roots)]
+        os.environ[ALLOWED_ROOTS_ENV_VAR] = os.pathsep.join(p for p in listed if p)
 
 
 @cli.command()

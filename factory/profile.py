@@ -824,7 +824,7 @@ def _confined(where: str, value: str, path: Path, roots: tuple[Path, ...]) -> Pa
     if not any(resolved.is_relative_to(root) for root in roots):
         raise ProfileError(
             f"{where}: {shown} is outside this profile's folder {roots[0]}; move it there, or "
-            f"allow its folder in {ALLOWED_ROOTS_ENV_VAR}"
+            f"allow its folder (factory --allow-root DIR, or {ALLOWED_ROOTS_ENV_VAR})"
         )
     return resolved
 

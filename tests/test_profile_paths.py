@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from factory.errors import ProfileError
 from factory.profile import ALLOWED_ROOTS_ENV_VAR, load_profile
-from tests.conftest import DEMO_PROFILE, REPO
+from tests.conftest import DEMO_PROFILE, REPO, run_factory
 from tests.test_profile import GOOD
 
 NOTEBOOK = '{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n'
@@ -249,3 +249,13 @@ def test_version_must_be_a_real_integer(folders):
     for value in ("true", "'2'", "2.0"):
         text = GOOD.replace("version: 2", f"version: {value}")
         refused(write(inside, "", text), "p.yaml:3: version: Input should be a valid integer")
+
+
+def test_the_cli_allow_root_option_lets_a_folder_in(folders, tmp_path):
+    inside, outside = folders
+    (outside / "n.ipynb").write_text(NOTEBOOK)
+    path = write(inside, "notebooks: [../elsewhere/n.ipynb]\n")
+    refused_run = run_factory("credentials", str(path))
+    assert refused_run.returncode == 1 and "--allow-root" in refused_run.stderr
+    allowed = run_factory("--allow-root", str(outside), "credentials", str(path))
+    assert allowed.returncode == 0, allowed.stderr
