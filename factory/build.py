@@ -336,6 +336,8 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     "security_index": security_index_summary(staging / updates.INDEX_FILE),
                 },
             )
+            if loaded.profile.jupyter.tls:
+                keep_private(staging / "delivery", artifacts)
             publish(staging, final)
         except BaseException:
             kept = keep_failure_logs(staging, options.outputs, loaded.name)
@@ -387,6 +389,14 @@ def export_delivery(
     shutil.copy2(staging / "build.log", delivery / "build.log")
     shutil.copy2(staging / updates.INDEX_FILE, delivery / updates.INDEX_FILE)
     return artifacts
+
+
+def keep_private(delivery: Path, artifacts: list[Path]) -> None:
+    """A delivery whose disk carries the client's TLS key: only its owner may open the folder
+    or read the disk images."""
+    delivery.chmod(0o700)
+    for artifact in artifacts:
+        artifact.chmod(0o600)
 
 
 def security_index_summary(path: Path) -> dict | None:

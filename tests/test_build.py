@@ -201,3 +201,19 @@ def test_build_vm_is_capped_to_the_host_and_keeps_the_delivered_hardware():
     assert vm.memory_mib == host.vm_memory_limit_mib() and vm.cpus <= (os.cpu_count() or 1)
     small = host.local_vm_size(cpus=1, memory_mib=512)
     assert (small.cpus, small.memory_mib) == (1, host.VM_MIN_MEMORY_MIB)
+
+
+def test_a_delivery_that_carries_a_client_key_is_private_to_its_owner(tmp_path):
+    from factory.build import keep_private, publish
+
+    staging = tmp_path / ".staging"
+    delivery = staging / "delivery"
+    delivery.mkdir(parents=True)
+    disks = [delivery / "x.ova", delivery / "x.qcow2"]
+    for disk in disks:
+        disk.write_bytes(b"disk")
+    keep_private(delivery, disks)
+    publish(staging, tmp_path / "x")
+    published = tmp_path / "x"
+    assert published.stat().st_mode & 0o777 == 0o700
+    assert {(published / d.name).stat().st_mode & 0o777 for d in disks} == {0o600}
