@@ -208,8 +208,14 @@ def test_cached_debian_image_is_reused_without_root(tmp_cache, monkeypatch):
     assert first.read_bytes() == b"image"
     assert not list(first.parent.glob(".build-*"))
 
-    other = base.debian_base_image(mirror="http://mirror.example/debian", log=lambda _: None)
+    other = base.debian_base_image(mirror="https://deb.debian.org/debian", log=lambda _: None)
     assert other != first
+    # The security suite's index is part of the key: a new security update makes a new base.
+    inputs = json.loads(other.with_suffix(".json").read_text())["inputs"]
+    assert inputs["security_index"]["suite"] == "bookworm-security"
+    assert "deb https://deb.debian.org/debian-security bookworm-security main" in " ".join(
+        inputs["sources"]
+    )
     layer = base.debian_base_image(log=lambda _: None, extra_packages=("nvidia-smi",))
     assert layer != first
     assert "nvidia-smi" in json.loads(layer.with_suffix(".json").read_text())["inputs"]["packages"]
@@ -266,8 +272,8 @@ def fake_mmdebstrap(tmp_path, monkeypatch):
     script = bindir / "mmdebstrap"
     script.write_text(
         "#!/bin/sh\n"
-        "# mmdebstrap [options] SUITE TARGET MIRROR: TARGET is the second-to-last argument\n"
-        'out=$(printf "%s\\n" "$@" | tail -2 | head -1)\n'
+        "# mmdebstrap [options] SUITE TARGET SOURCES...: TARGET is the tarball argument\n"
+        'for arg; do case "$arg" in *.tar) out=$arg;; esac; done\n'
         "root=$(mktemp -d)\n"
         'mkdir -p "$root/etc" "$root/boot" "$root/dev" "$root/proc" "$root/sys"\n'
         'tar -C "$root" -cf "$out" . && rm -rf "$root"\n'
