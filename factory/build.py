@@ -63,7 +63,14 @@ def build_lock(outputs: Path, name: str) -> Iterator[None]:
     """One build per delivery name at a time; a second one refuses at once."""
     outputs.mkdir(parents=True, exist_ok=True)
     lock_path = outputs / f".{name}.lock"
-    with open(lock_path, "w") as handle:
+    # Never truncate or follow a link planted in a shared outputs/.
+    try:
+        descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise FactoryError(
+            f"cannot open the build lock {lock_path}: {error.strerror}; remove it if it is a link"
+        ) from None
+    with open(descriptor, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

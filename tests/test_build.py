@@ -217,3 +217,15 @@ def test_a_delivery_that_carries_a_client_key_is_private_to_its_owner(tmp_path):
     published = tmp_path / "x"
     assert published.stat().st_mode & 0o777 == 0o700
     assert {(published / d.name).stat().st_mode & 0o777 for d in disks} == {0o600}
+
+
+def test_the_build_lock_never_follows_a_planted_link(tmp_path):
+    from factory.build import build_lock
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (tmp_path / ".demo_hello_v1.lock").symlink_to(victim)
+    with pytest.raises(FactoryError, match="remove it if it is a link"):
+        with build_lock(tmp_path, "demo_hello_v1"):
+            pass
+    assert victim.read_text() == "keep\n"

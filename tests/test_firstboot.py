@@ -149,3 +149,18 @@ def test_sshd_drop_in_sorts_first_and_hardens_without_breaking_port_forwarding()
         "LoginGraceTime": "30",
     }
     assert "rm -f /etc/ssh/sshd_config.d/50-factory.conf" in script
+
+
+def test_first_boot_replaces_a_link_in_the_admins_home_instead_of_writing_through_it(
+    image_root, tmp_path
+):
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched\n")
+    home = image_root / Path(os.path.expanduser(f"~{ADMIN}")).relative_to("/")
+    (home / "jupyter-token").symlink_to(target)
+    result = run_script("factory-firstboot", image_root)
+    assert result.returncode == 0, result.stderr
+    assert target.read_text() == "untouched\n"
+    assert not (home / "jupyter-token").is_symlink()
+    service, admin = tokens(image_root)
+    assert service == admin
