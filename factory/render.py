@@ -82,6 +82,15 @@ def stage_scripts(loaded: LoadedProfile) -> list[str]:
     return scripts
 
 
+def build_vm_needs_network(loaded: LoadedProfile) -> bool:
+    """Whether a stage still downloads inside the build VM: the Prometheus server, or a GPU
+    driver on a cloud image (a Debian base carries it in its base layer). Otherwise the VM runs
+    cut off (QEMU restrict=on): no internet, and none of the host's loopback services."""
+    profile = loaded.profile
+    gpu_in_guest = profile.gpu is not None and not isinstance(profile.base, str)
+    return not profile.offline and (profile.monitoring.prometheus or gpu_in_guest)
+
+
 def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(PACKER_DIR),
@@ -90,7 +99,7 @@ def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     )
     template = env.get_template("image.pkr.hcl.j2")
     return template.render(
-        offline=loaded.profile.offline,
+        guest_network=build_vm_needs_network(loaded),
         modern_packer=inputs.packer_version >= (1, 7, 0),
         scripts=[
             f"provisioners/{name}"

@@ -256,14 +256,25 @@ def test_industry_profile_renders_and_packer_validates(name, tmp_path):
 
 @pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
 @pytest.mark.parametrize(
-    "name, restrict",
-    [("bank_credit_risk_v2", True), ("factory_predictive_maintenance_v1", False)],
+    "name, extra, restrict",
+    [
+        ("bank_credit_risk_v2", "", True),
+        ("factory_predictive_maintenance_v1", "", True),
+        ("factory_predictive_maintenance_v1", "monitoring: {prometheus: true}\n", False),
+    ],
 )
-def test_build_vm_is_bounded_in_time_and_reachable_only_from_loopback(name, restrict, tmp_path):
+def test_build_vm_is_bounded_in_time_and_reachable_only_from_loopback(
+    name, extra, restrict, tmp_path
+):
     """Every shell provisioner stops after var.provisioner_timeout (90m unless overridden);
-    the build VM's SSH forward binds 127.0.0.1, online or air-gapped (restrict=on). The
-    render's own `packer validate` accepts both."""
-    result = run_factory("render", f"profiles/{name}.yaml", "--outputs", str(tmp_path))
+    the build VM's SSH forward binds 127.0.0.1, and the VM is cut off (restrict=on: neither
+    the internet nor the host's loopback) unless a stage downloads inside it, here the
+    Prometheus server of an online profile. The render's own `packer validate` accepts all."""
+    profile = REPO / "profiles" / f"{name}.yaml"
+    if extra:
+        profile = tmp_path / "profile.yaml"
+        profile.write_text(f"extends: {REPO / 'profiles' / name}.yaml\n{extra}")
+    result = run_factory("render", str(profile), "--outputs", str(tmp_path))
     assert result.returncode == 0, result.stderr
     template = parse_hcl((tmp_path / "renders" / name / "image.pkr.hcl").read_text())
     variables = {k: v for block in template["variable"] for k, v in block.items()}
