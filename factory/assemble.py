@@ -13,14 +13,24 @@ stages. Needs root (loop devices), as the Debian base image does.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from debian.debian_support import version_compare
+
 from factory import host, updates
-from factory.base import _grub_cfg, _Runner, _signals_deferred, _teardown, chroot_command
+from factory.base import (
+    _grub_cfg,
+    _Runner,
+    _signals_deferred,
+    _teardown,
+    chroot_command,
+    clear_apt_lists,
+)
 
 HOST_STAGE = "20-conda-envs.sh"
 PAYLOAD_IN_IMAGE = "tmp/factory-payload"
@@ -102,18 +112,14 @@ def upgrade(run: _Runner, mnt: Path) -> updates.SecurityIndex | None:
         run(*chroot_command(mnt), *_APT, "clean")
     finally:
         policy.unlink(missing_ok=True)
-        for entry in (mnt / "var/lib/apt/lists").glob("*"):
-            if entry.is_file() and entry.name != "lock":
-                entry.unlink()
+        clear_apt_lists(mnt)
     new_kernels = _kernels(mnt) - kernels
     grub = mnt / "boot/grub/grub.cfg"
-    own_grub = grub.exists() and grub.read_text().startswith("# Written by factory")
-    if new_kernels and own_grub:
+    config = grub.read_text() if grub.exists() else ""
+    if new_kernels and config.startswith("# Written by factory"):
         # update-grub on a loop device writes no kernel entries: write ours for the new one.
-        root_uuid = re.search(r"--set=root (\S+)", grub.read_text())
-        kernel = max(
-            new_kernels, key=lambda k: [int(n) if n.isdigit() else 0 for n in re.split(r"[.-]", k)]
-        )
+        root_uuid = re.search(r"--set=root (\S+)", config)
+        kernel = max(new_kernels, key=functools.cmp_to_key(version_compare))
         if root_uuid:
             grub.write_text(_grub_cfg(root_uuid.group(1), kernel))
             run.note(f"new kernel {kernel}: boot entry rewritten")

@@ -569,11 +569,16 @@ def _configure_rootfs(mnt: Path, root_uuid: str, run: _Runner) -> str:
     for key in (mnt / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     _chroot(run, mnt, "apt-get", "clean")
+    clear_apt_lists(mnt)
+    return kernel
+
+
+def clear_apt_lists(mnt: Path) -> None:
+    """Remove the package lists apt downloaded into the image at `mnt` (its lock stays)."""
     lists = mnt / "var/lib/apt/lists"
     for entry in lists.iterdir() if lists.exists() else ():
         if entry.is_file() and entry.name != "lock":
             entry.unlink()
-    return kernel
 
 
 def _grub_cfg(root_uuid: str, kernel: str) -> str:
