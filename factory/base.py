@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from factory import host, updates
-from factory.cache import cache_dir, inputs_key, local_write_error, sha256_file
+from factory.cache import cache_dir, inputs_key, sha256_file
+from factory.download import local_write_error
 from factory.errors import FactoryError, ToolError
 from factory.processes import die_with_parent, stop_gently
 

@@ -8,7 +8,6 @@ shipped into the build VM; offline profiles keep the channel and wheelhouse in t
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,8 +18,11 @@ from pathlib import Path
 
 import rattler.index
 
-from factory.cache import cache_dir, fetch_locked, fetch_verified, sha256_file
+from factory import cache
+from factory.cache import cache_subdir, sha256_file
+from factory.download import ChecksumMismatch, Unreachable, fetch_locked, fetch_verified
 from factory.errors import FactoryError
+from factory.image_layout import PAYLOAD_CHANNEL
 from factory.resolve import EnvLock, pip_target_args
 
 INSTALLER_PYTHON = "3.11"  # Debian 12's python3, which runs the installer inside the image
@@ -37,7 +39,7 @@ INSTALLER_WHEELS = {
 
 def fetch_conda_package(url: str, sha256: str) -> Path:
     """Return a cached copy of a locked conda package, verified against its sha256."""
-    return fetch_locked(url, sha256, "pkgs")
+    return fetch_locked(url, sha256, cache.PKGS)
 
 
 def _pip_download(requirements: Path, python: str, dest: Path, log) -> None:
@@ -61,7 +63,7 @@ def _installer_wheels(dest: Path, version: str | None = None) -> None:
             f"({', '.join(INSTALLER_WHEELS)})"
         )
     name, sha256 = INSTALLER_WHEELS[version]
-    wheels = cache_dir() / "installer" / f"py-rattler-{version}"
+    wheels = cache_subdir(cache.INSTALLER) / f"py-rattler-{version}"
     wheel = wheels / name
     if not (wheel.is_file() and sha256_file(wheel) == sha256):
         wheel.unlink(missing_ok=True)
@@ -83,20 +85,20 @@ def _installer_wheels(dest: Path, version: str | None = None) -> None:
 
 def fetch_conda_installer(url: str, sha256: str, log=print) -> Path:
     """A cached copy of the Miniconda/Miniforge installer, verified against its sha256."""
-    return fetch_verified(
-        url,
-        sha256,
-        "conda-installers",
-        lambda name, actual: (
-            f"conda.sha256: {name} has sha256 {actual}, the profile pins "
+    name = url.rsplit("/", 1)[-1]
+    dest = cache_subdir(cache.CONDA_INSTALLERS) / sha256 / name
+    try:
+        return fetch_verified(url, sha256, dest, what="the conda installer", log=log)
+    except ChecksumMismatch as error:
+        raise FactoryError(
+            f"conda.sha256: {name} has sha256 {error.actual}, the profile pins "
             f"{sha256}; check the download or fix the pin"
-        ),
-        lambda message: (
-            f"conda.url: {message}; put the installer where the build host can "
+        ) from None
+    except Unreachable as error:
+        raise FactoryError(
+            f"conda.url: {error}; put the installer where the build host can "
             "read it (file://...) or use conda.installer: rattler"
-        ),
-        log=log,
-    )
+        ) from None
 
 
 def local_explicit_text(lock: EnvLock, channel_dir: str) -> str:
@@ -130,9 +132,7 @@ def build_payload(
         env_dir = envs / lock.name
         env_dir.mkdir(exist_ok=True)
         (env_dir / "explicit.txt").write_text(lock.explicit_text())
-        (env_dir / "explicit.local.txt").write_text(
-            local_explicit_text(lock, "/tmp/factory-payload/channel")
-        )
+        (env_dir / "explicit.local.txt").write_text(local_explicit_text(lock, str(PAYLOAD_CHANNEL)))
         (env_dir / "pip.txt").write_text(lock.pip_text())
         (env_dir / "lock.json").write_text(json.dumps(lock.to_json(), indent=2) + "\n")
         if lock.pip:
@@ -155,6 +155,5 @@ def build_payload(
 def _write_checksums(payload: Path) -> None:
     lines = []
     for path in sorted(p for p in payload.rglob("*") if p.is_file()):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        lines.append(f"{digest}  {path.relative_to(payload)}")
+        lines.append(f"{sha256_file(path)}  {path.relative_to(payload)}")
     (payload / "SHA256SUMS").write_text("\n".join(lines) + "\n")

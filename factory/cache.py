@@ -1,21 +1,37 @@
-"""The factory cache directory: base images, channels and probes, keyed by their inputs, and
-downloads stored under their sha256."""
+"""The factory cache directory and its layout: base images, channels and probes, keyed by
+their inputs, and downloads stored under their sha256.
 
-import errno
+    ~/.cache/factory/            (or --cache-dir, or $FACTORY_CACHE_DIR)
+      base/                      Debian base images, their sidecars, logs and build locks
+      downloads/                 cloud images, named <sha256><suffix>
+      pkgs/<sha256>/             conda packages the locks name
+      wheels/<sha256>/           wheels the locks name
+      conda-installers/<sha256>/ Miniconda and Miniforge installers
+      installer/                 the py-rattler wheel the image installs with
+      rattler/                   py-rattler's repodata cache
+      probes/                    KVM probe verdicts and the kernels they boot
+      channels/                  local conda channels (the demo's, the tests')
+"""
+
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-
-from factory.errors import FactoryError
 
 CACHE_ENV_VAR = "FACTORY_CACHE_DIR"
 _override: Path | None = None
+
+# The named sub-folders; modules ask for them by these names instead of spelling paths.
+BASE = "base"
+DOWNLOADS = "downloads"
+PKGS = "pkgs"
+WHEELS = "wheels"
+CONDA_INSTALLERS = "conda-installers"
+INSTALLER = "installer"
+RATTLER = "rattler"
+PROBES = "probes"
+CHANNELS = "channels"
+SUBFOLDERS = (BASE, DOWNLOADS, PKGS, WHEELS, CONDA_INSTALLERS, INSTALLER, RATTLER, PROBES, CHANNELS)
 
 
 def set_cache_dir(path: Path | None) -> None:
@@ -36,6 +52,15 @@ def cache_dir() -> Path:
     return path
 
 
+def cache_subdir(name: str) -> Path:
+    """One of the cache's named sub-folders (see SUBFOLDERS), created when missing."""
+    if name not in SUBFOLDERS:
+        raise ValueError(f"{name!r} is not a cache sub-folder; add it to factory.cache")
+    path = cache_dir() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def inputs_key(inputs: object) -> str:
     """A short stable hash of JSON-serialisable inputs, used to key cache entries."""
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
@@ -43,88 +68,9 @@ def inputs_key(inputs: object) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in chunks (disk images do not fit in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# Errors of the local disk, never of the network: retrying cannot help.
-LOCAL_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def local_write_error(error: BaseException, dest: Path) -> FactoryError | None:
-    """A one-line error when `error` came from writing `dest` on this machine."""
-    if isinstance(error, OSError) and error.errno in LOCAL_WRITE_ERRORS:
-        return FactoryError(
-            f"cannot write {dest}: {os.strerror(error.errno)}; free space or fix permissions "
-            f"under {dest.parent}"
-        )
-    return None
-
-
-def download(url: str, dest: Path, attempts: int = 3) -> None:
-    """Fetch `url` into `dest`, retrying with backoff; one-line FactoryError when it fails."""
-    for attempt in range(1, attempts + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-                shutil.copyfileobj(response, out)
-            return
-        except OSError as error:
-            local = local_write_error(error, dest)
-            if local is not None:
-                raise local from None
-            if attempt == attempts:
-                raise FactoryError(f"cannot download {url}: {error}; check the network") from None
-            time.sleep(2**attempt)
-
-
-def fetch_verified(
-    url: str,
-    sha256: str,
-    folder: str,
-    mismatch: Callable[[str, str], str],
-    unreachable: Callable[[str], str] = str,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """A cached copy of `url` under cache_dir()/folder/<sha256>/, verified against its sha256.
-    `mismatch(name, actual)` words the error when the download differs, `unreachable(message)`
-    when it fails. Concurrent fetches of one file each write their own partial file."""
-    name = url.rsplit("/", 1)[-1]
-    cached = cache_dir() / folder / sha256 / name
-    if cached.exists() and sha256_file(cached) == sha256:
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    if log is not None:
-        log(f"downloading {name}")
-    handle, partial_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cached.parent)
-    os.close(handle)
-    partial = Path(partial_name)
-    try:
-        try:
-            download(url, partial)
-        except FactoryError as error:
-            raise FactoryError(unreachable(str(error))) from None
-        actual = sha256_file(partial)
-        if actual != sha256:
-            raise FactoryError(mismatch(name, actual))
-        partial.chmod(0o644)
-        partial.replace(cached)
-    finally:
-        partial.unlink(missing_ok=True)
-    return cached
-
-
-def fetch_locked(url: str, sha256: str, folder: str) -> Path:
-    """A cached copy of a file a lock names (conda package, wheel), verified against the
-    lock's sha256."""
-    return fetch_verified(
-        url,
-        sha256,
-        folder,
-        lambda name, actual: (
-            f"{name}: sha256 mismatch (lock {sha256[:12]}…, got {actual[:12]}…); "
-            "its index changed: run `factory lock --force`"
-        ),
-    )

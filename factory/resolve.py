@@ -20,8 +20,9 @@ import rattler
 from rattler import BuildString, Channel, GenericVirtualPackage, PackageName, Version
 from rattler.exceptions import SolverError
 
-from factory import cpu, gpu
-from factory.cache import cache_dir, fetch_locked, inputs_key
+from factory import cache, cpu, gpu
+from factory.cache import cache_subdir, inputs_key
+from factory.download import fetch_locked
 from factory.errors import FactoryError
 from factory.profile import Environment, LoadedProfile, package_name, spec_channel
 
@@ -184,7 +185,7 @@ def solve_conda(loaded: LoadedProfile, env: Environment) -> list[CondaPackage]:
     urls, solved = solve_channels(loaded, env)
     specs = _conda_specs(env)
     channels = [Channel(url) for url in urls]
-    gateway = rattler.Gateway(cache_dir=cache_dir() / "rattler")
+    gateway = rattler.Gateway(cache_dir=cache_subdir(cache.RATTLER))
 
     async def solve() -> list:
         return await rattler.solve(
@@ -353,7 +354,7 @@ def lock_profile(loaded: LoadedProfile, force: bool = False, log=print) -> dict[
 
 def fetch_wheel(url: str, sha256: str) -> Path:
     """A cached copy of a locked wheel, verified against its sha256."""
-    return fetch_locked(url, sha256, "wheels")
+    return fetch_locked(url, sha256, cache.WHEELS)
 
 
 def check_cuda_builds(loaded: LoadedProfile, locks: dict[str, EnvLock]) -> None:

@@ -1,0 +1,50 @@
+"""Where things live inside the image: the one table of in-image paths.
+
+render.py writes them into settings.sh (as FACTORY_* variables) and into the Packer template;
+the stage scripts read those variables; the checks import them from here. The scripts that run
+later in the delivered image (factory-firstboot, factory-rotate-token, seal.sh) read the same
+variables from the installed copy, SETTINGS_FILE, whose own path is the one they spell out.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+# Uploaded by Packer (or copied in by the host-side stage) and removed when the image is sealed.
+PAYLOAD_DIR = PurePosixPath("/tmp/factory-payload")
+PAYLOAD_CHANNEL = PAYLOAD_DIR / "channel"
+
+CONDA_PREFIX = PurePosixPath("/opt/conda")
+CONDA_ENVS = CONDA_PREFIX / "envs"
+JUPYTER_ENV_PREFIX = CONDA_ENVS / "jupyter"
+
+CONFIG_DIR = PurePosixPath("/etc/factory")
+SETTINGS_FILE = CONFIG_DIR / "settings.sh"
+JUPYTER_TOKEN_FILE = CONFIG_DIR / "jupyter.env"
+TLS_DIR = CONFIG_DIR / "tls"
+TLS_CERTIFICATE = TLS_DIR / "jupyter.crt"
+TLS_KEY = TLS_DIR / "jupyter.key"
+# Present when the client supplied the certificate: first boot and sealing leave it alone.
+TLS_CLIENT_SUPPLIED = TLS_DIR / "client-supplied"
+
+JUPYTER_HOME = PurePosixPath("/srv/jupyter")
+NOTEBOOKS_DIR = JUPYTER_HOME / "notebooks"
+SAMPLES_DIR = NOTEBOOKS_DIR / "samples"
+
+
+def settings() -> dict[str, str]:
+    """The layout as settings.sh variables, for the stage scripts and the in-image tools."""
+    return {
+        "FACTORY_PAYLOAD_DIR": str(PAYLOAD_DIR),
+        "FACTORY_CONDA_PREFIX": str(CONDA_PREFIX),
+        "FACTORY_CONDA_ENVS": str(CONDA_ENVS),
+        "FACTORY_CONFIG_DIR": str(CONFIG_DIR),
+        "FACTORY_JUPYTER_TOKEN_FILE": str(JUPYTER_TOKEN_FILE),
+        "FACTORY_TLS_DIR": str(TLS_DIR),
+        "FACTORY_TLS_CERTIFICATE": str(TLS_CERTIFICATE),
+        "FACTORY_TLS_KEY": str(TLS_KEY),
+        "FACTORY_TLS_CLIENT_SUPPLIED": str(TLS_CLIENT_SUPPLIED),
+        "FACTORY_JUPYTER_HOME": str(JUPYTER_HOME),
+        "FACTORY_NOTEBOOKS_DIR": str(NOTEBOOKS_DIR),
+        "FACTORY_SAMPLES_DIR": str(SAMPLES_DIR),
+    }

@@ -1,0 +1,78 @@
+"""The external tools factory runs, and the Debian package each comes from: the one table that
+`factory doctor` lists and every "not found" error is worded from."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+
+from factory.errors import ToolError
+
+# command -> Debian package that provides it
+TOOLS: dict[str, str] = {
+    "packer": "packer",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mmdebstrap": "mmdebstrap",
+    # Packer's cd_files (the build's NoCloud seed) shells out to genisoimage.
+    "genisoimage": "genisoimage",
+    "cloud-localds": "cloud-image-utils",
+    "tar": "tar",
+    "sfdisk": "fdisk",
+    "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "chroot": "coreutils",
+    "dpkg-deb": "dpkg",
+    "apt-get": "apt",
+    "shellcheck": "shellcheck",
+}
+
+# Where root's tools live; a non-root $PATH often lacks them.
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def package_of(tool: str) -> str:
+    """The Debian package that provides `tool`."""
+    if tool not in TOOLS:
+        raise KeyError(f"{tool!r} is not in factory.tools.TOOLS; add it with its Debian package")
+    return TOOLS[tool]
+
+
+def install_command(tools: Iterable[str]) -> str:
+    """The one apt-get line that installs every tool named."""
+    return "apt-get install -y " + " ".join(sorted({package_of(tool) for tool in tools}))
+
+
+def which(tool: str) -> str | None:
+    """Find a tool on $PATH, then in the sbin directories a non-root $PATH often lacks."""
+    return shutil.which(tool) or shutil.which(tool, path=os.pathsep.join(_SBIN_DIRS))
+
+
+def missing(tools: Iterable[str]) -> list[str]:
+    """The tools, of those named, that this host lacks."""
+    return [tool for tool in tools if which(tool) is None]
+
+
+def require(tool: str) -> str:
+    """The absolute path of `tool`, or a ToolError that says how to install it."""
+    path = which(tool)
+    if path is None:
+        raise ToolError(f"`{tool}` is missing; run `{install_command([tool])}`")
+    return path
+
+
+def require_root_and_tools(work: str, why_root: str, tools: Iterable[str], hint: str) -> None:
+    """Refuse in one line when `work` cannot run here: not root, or a tool missing."""
+    if os.geteuid() != 0:
+        raise ToolError(f"{work} needs root ({why_root}); {hint}")
+    absent = missing(tools)
+    if absent:
+        raise ToolError(
+            f"{', '.join(absent)} not found, needed for {work}; "
+            f"install with: {install_command(absent)}"
+        )
