@@ -3,7 +3,7 @@
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from factory.validate.checks import http_status_command
+from factory.validate.jupyter import http_status_command
 from factory.validate.target import LocalTarget
 
 TOKEN = "f00dfeed" * 6

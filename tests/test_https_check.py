@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from factory.validate.hardening import _tls_context, certificate_name, http_request
+from factory.validate.https import certificate_name
+from factory.validate.web import http_request, tls_context
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -73,7 +74,7 @@ def test_a_client_chain_without_its_root_verifies_against_the_leaf_name(tmp_path
     name = certificate_name(chain, "bank-credit-risk-v2")
     assert name == "jupyter.bank.example"
     address = _serve_once(tmp_path, chain, leaf_key)
-    answer = http_request(address, "/", tls=_tls_context(chain), server_name=name)
+    answer = http_request(address, "/", tls=tls_context(chain), server_name=name)
     assert answer.status == 403
 
 

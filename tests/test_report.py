@@ -3,7 +3,7 @@
 import json
 import xml.etree.ElementTree as ET
 
-from factory.validate.checks import FAILED, PASSED, CheckResult
+from factory.validate.context import FAILED, PASSED, CheckResult
 from factory.validate.report import write_reports
 
 # The last line of an nbclient traceback, as a failing sample notebook prints it.

@@ -5,7 +5,7 @@ level the emulator cannot run faithfully is reported as skipped, never as passed
 from __future__ import annotations
 
 from factory import cpu
-from factory.validate.checks import SKIPPED, CheckContext, CheckResult, _result
+from factory.validate.context import SKIPPED, CheckContext, CheckResult, result
 
 GROUP = "cpu"
 
@@ -21,7 +21,7 @@ def check_cpu_level(ctx: CheckContext) -> list[CheckResult]:
         name = f"cpu: the VM runs at {level} (QEMU model {choice.model})"
     else:
         name = f"cpu: this machine supports {promised} (the profile's cpu_baseline)"
-    results = [_result(name, problem is None, problem or f"{len(flags)} CPU flags", GROUP)]
+    results = [result(name, problem is None, problem or f"{len(flags)} CPU flags", GROUP)]
     if choice is not None and not choice.proves_promise:
         results.append(
             CheckResult(

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 
-from factory.escape import shell_word
 from factory.profile import package_name
-from factory.validate.checks import SKIPPED, CheckContext, CheckResult, _result
+from factory.validate.context import SKIPPED, CheckContext, CheckResult, quote, result
 
 NVIDIA_VENDOR = "0x10de"
 CUDA_PROBE = r"""
@@ -44,7 +43,7 @@ def check_gpu_level1(ctx: CheckContext) -> list[CheckResult]:
     ).stdout.split("\n")[0]
     version = packages.split()[1] if packages else ""
     results = [
-        _result(
+        result(
             f"gpu: driver {target.driver} is installed",
             version.startswith(target.driver + ".") or f"-{target.driver}" in packages,
             packages.rsplit(" install", 1)[0] if packages else "no NVIDIA driver package",
@@ -59,7 +58,7 @@ def check_gpu_level1(ctx: CheckContext) -> list[CheckResult]:
     ).stdout.strip()
     dkms = run("sudo /usr/sbin/dkms status 2>/dev/null").stdout.strip()
     results.append(
-        _result(
+        result(
             "gpu: kernel module built for the booted kernel",
             vermagic.split(" ")[0] == kernel and (not dkms or kernel in dkms),
             f"booted {kernel}; module vermagic {vermagic or 'none'}; dkms: "
@@ -68,11 +67,11 @@ def check_gpu_level1(ctx: CheckContext) -> list[CheckResult]:
         )
     )
     smi = run("command -v nvidia-smi").stdout.strip()
-    results.append(_result("gpu: nvidia-smi is present", bool(smi), smi or "not found", group))
+    results.append(result("gpu: nvidia-smi is present", bool(smi), smi or "not found", group))
     if target.toolkit:
         nvcc = run("nvcc --version | grep -o 'release [0-9.]*'").stdout.strip()
         results.append(
-            _result(
+            result(
                 f"gpu: CUDA toolkit {target.cuda}",
                 nvcc == f"release {target.cuda}",
                 nvcc or "nvcc not found",
@@ -100,7 +99,7 @@ def check_gpu_level2(ctx: CheckContext) -> list[CheckResult]:
         ]
     listed = ctx.target.run("nvidia-smi -L")
     results = [
-        _result(
+        result(
             names[0],
             listed.ok and "GPU 0" in listed.stdout,
             listed.stdout.strip()[:300] or listed.stderr.strip()[-300:],
@@ -108,13 +107,13 @@ def check_gpu_level2(ctx: CheckContext) -> list[CheckResult]:
         )
     ]
     for env, name in zip(torch_envs, names[1:], strict=True):
-        probe = ctx.target.run(f"/opt/conda/envs/{env}/bin/python -c {shell_word(CUDA_PROBE)}")
+        probe = ctx.target.run(f"/opt/conda/envs/{env}/bin/python -c {quote(CUDA_PROBE)}")
         try:
             data = json.loads(probe.stdout)
         except json.JSONDecodeError:
             data = {"available": False, "error": probe.stderr.strip()[-300:]}
         results.append(
-            _result(
+            result(
                 name,
                 bool(data.get("available")) and "matmul" in data,
                 json.dumps(data),

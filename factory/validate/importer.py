@@ -8,14 +8,13 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import ssl
 import time
 from pathlib import Path
 
 from factory.profile import LoadedProfile
 from factory.validate.boot import boot_delivery
-from factory.validate.checks import CheckResult, _result
-from factory.validate.hardening import http_request
+from factory.validate.context import PASSED, CheckResult, result
+from factory.validate.web import http_request, unverified_tls
 
 GROUP = "importer"
 FIRST_HUMAN_UID, NOBODY_UID = 1000, 65534
@@ -110,11 +109,8 @@ def _answers(port: int, address: tuple[str, int], deadline: float) -> str:
                 if not banner.startswith("SSH-"):
                     raise ConnectionError(f"no SSH banner (got {banner[:40]!r})")
                 return banner
-            tls = None
-            if port == 443:
-                tls = ssl.create_default_context()
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE  # first-boot self-signed; identity is not asked
+            # First boot's certificate is self-signed; here only an answer is asked for.
+            tls = unverified_tls() if port == 443 else None
             answer = http_request(address, "/", tls=tls, timeout=15)
             return f"HTTP {answer.status}"
         except (OSError, ConnectionError) as error:
@@ -133,6 +129,28 @@ def human_accounts(passwd: str) -> dict[str, str]:
             if FIRST_HUMAN_UID <= uid < NOBODY_UID:
                 accounts[fields[0]] = fields[6]
     return accounts
+
+
+def ports_result(ports: list[int], answered: list[str], silent: list[str]) -> CheckResult:
+    """Every port the image serves answered (`answered`, `silent`: "port: what happened")."""
+    return result(
+        f"importer: answers on ports {', '.join(map(str, ports))}",
+        not silent,
+        "; ".join(silent + answered),
+        GROUP,
+    )
+
+
+def accounts_result(accounts: dict[str, str], admin: str) -> CheckResult:
+    """The image holds the profile's admin and no other account a person could log in as."""
+    extra = sorted(set(accounts) - {admin})
+    return result(
+        "importer: no account beyond the profile's",
+        not extra and admin in accounts,
+        (f"unexpected: {', '.join(extra)}; " if extra else "")
+        + f"login accounts: {', '.join(sorted(accounts)) or 'none'} (profile: {admin})",
+        GROUP,
+    )
 
 
 def check_importer_boot(
@@ -161,7 +179,7 @@ def check_importer_boot(
         results.append(
             CheckResult(
                 "importer: boots without a seed and prints its host keys",
-                "passed",
+                PASSED,
                 f"{len(vm.host_keys)} host key(s) on the console after {vm.boot_seconds:.0f} s",
                 group=GROUP,
             )
@@ -175,29 +193,12 @@ def check_importer_boot(
                 )
             except ConnectionError as error:
                 silent.append(f"{port}: {error}")
-        results.append(
-            _result(
-                f"importer: answers on ports {', '.join(map(str, ports))}",
-                not silent,
-                "; ".join(silent + answered),
-                GROUP,
-            )
-        )
+        results.append(ports_result(ports, answered, silent))
         assert vm.agent_socket is not None
         agent = GuestAgent(vm.agent_socket, time.monotonic() + 300)
         try:
             accounts = human_accounts(agent.read_file("/etc/passwd"))
         finally:
             agent.close()
-        admin = loaded.profile.admin.user
-        extra = sorted(set(accounts) - {admin})
-        results.append(
-            _result(
-                "importer: no account beyond the profile's",
-                not extra and admin in accounts,
-                (f"unexpected: {', '.join(extra)}; " if extra else "")
-                + f"login accounts: {', '.join(sorted(accounts)) or 'none'} (profile: {admin})",
-                GROUP,
-            )
-        )
+        results.append(accounts_result(accounts, loaded.profile.admin.user))
     return results

@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 from junitparser import Failure, JUnitXml, Skipped, TestCase, TestSuite
 
-from factory.validate.checks import FAILED, PASSED, SKIPPED, CheckResult
+from factory.validate.context import FAILED, PASSED, SKIPPED, CheckResult
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -19,6 +19,13 @@ def summarise(results: list[CheckResult]) -> dict[str, int]:
     return {
         status: sum(r.status == status for r in results) for status in (PASSED, FAILED, SKIPPED)
     }
+
+
+def _report_entry(result: CheckResult) -> dict:
+    """A result as report.json lists it; the data a check read back is saved elsewhere."""
+    entry = asdict(result)
+    del entry["data"]
+    return entry
 
 
 def write_reports(results: list[CheckResult], out_dir: Path, subject: dict) -> list[Path]:
@@ -30,7 +37,7 @@ def write_reports(results: list[CheckResult], out_dir: Path, subject: dict) -> l
         "subject": subject,
         "created": created,
         "summary": counts,
-        "checks": [asdict(r) for r in results],
+        "checks": [_report_entry(r) for r in results],
     }
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps(document, indent=2) + "\n")

@@ -1,22 +1,29 @@
-"""Where checks run: an SSH session (paramiko) with a pinned host key, or this machine."""
+"""Where checks run: an SSH session (paramiko) with a pinned host key, this machine, or a
+recording (ScriptedTarget, for unit tests). Each backend runs commands, reaches the machine's
+TCP ports and, over SSH, tries logins."""
 
 from __future__ import annotations
 
 import base64
+import builtins
 import concurrent.futures
 import contextlib
 import getpass
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
 from factory.errors import FactoryError
+from factory.validate.web import Answer, http_request
 
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
@@ -32,13 +39,92 @@ class CommandResult:
         return self.exit_code == 0
 
 
-class SSHTarget:
+def request_key(port: int, path: str, headers: dict[str, str] | None = None) -> str:
+    """How a recording names one HTTP request: port, path and the header names it sent."""
+    names = ",".join(sorted(headers or {}))
+    return f"{port} {path}" + (f" [{names}]" if names else "")
+
+
+def login_key(user: str, key: Path | None, password: str | None) -> str:
+    """How a recording names one login attempt."""
+    return f"{user} with {'a key' if key else 'a password' if password else 'nothing'}"
+
+
+class _ReachesPorts:
+    """HTTP to the machine's TCP ports, wherever `address` says they are."""
+
+    def address(self, port: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def request(
+        self,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        timeout: float = 30,
+    ) -> Answer:
+        return http_request(self.address(port), path, headers, tls, server_name, timeout)
+
+
+class SSHTarget(_ReachesPorts):
     """A logged-in SSH session to the machine under test."""
 
-    def __init__(self, client: paramiko.SSHClient, user: str, description: str) -> None:
+    def __init__(
+        self,
+        client: paramiko.SSHClient,
+        user: str,
+        description: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 22,
+        new_client: Callable[[], paramiko.SSHClient] | None = None,
+        key_file: Path | None = None,
+        forwards: dict[int, int] | None = None,
+    ) -> None:
         self.client = client
         self.user = user
         self.description = description
+        self.host, self.port = host, port
+        self._new_client = new_client or paramiko.SSHClient
+        self.key_file = key_file  # the key this session logged in with, if it was given one
+        self.forwards = forwards  # guest TCP port -> port on `host`, for a VM behind NAT
+
+    def address(self, port: int) -> tuple[str, int]:
+        return (self.host, self.forwards[port] if self.forwards is not None else port)
+
+    def public_key(self) -> str:
+        """The public half of the key this session logged in with."""
+        if self.key_file is None:
+            raise FactoryError("this SSH session logged in without a key file")
+        key = paramiko.PKey.from_path(self.key_file)
+        return f"{key.get_name()} {key.get_base64()}"
+
+    def try_login(self, user: str, key: Path | None = None, password: str | None = None) -> str:
+        """Attempt one more login with a key or a password, checking the same host keys;
+        return 'accepted' or why it was refused."""
+        client = self._new_client()
+        try:
+            client.connect(
+                self.host,
+                port=self.port,
+                username=user,
+                key_filename=str(key) if key else None,
+                password=password,
+                allow_agent=False,
+                look_for_keys=False,
+                timeout=15,
+                banner_timeout=30,
+            )
+            return "accepted"
+        except paramiko.BadAuthenticationType as error:
+            return f"refused (server allows only {', '.join(error.allowed_types)})"
+        except paramiko.AuthenticationException as error:
+            return f"refused ({error})"
+        finally:
+            client.close()
 
     def run(self, command: str, stdin: str | None = None, timeout: float = 600) -> CommandResult:
         channel_in, channel_out, channel_err = self.client.exec_command(command, timeout=timeout)
@@ -65,12 +151,15 @@ class SSHTarget:
         self.client.close()
 
 
-class LocalTarget:
+class LocalTarget(_ReachesPorts):
     """The machine the validator runs on, for IT checking a client host from its own shell."""
 
     def __init__(self) -> None:
         self.user = getpass.getuser()
         self.description = f"{self.user}@localhost (no SSH)"
+
+    def address(self, port: int) -> tuple[str, int]:
+        return ("127.0.0.1", port)
 
     def run(self, command: str, stdin: str | None = None, timeout: float = 600) -> CommandResult:
         process = subprocess.Popen(
@@ -95,7 +184,74 @@ class LocalTarget:
         pass
 
 
-Target = SSHTarget | LocalTarget
+class ScriptedTarget:
+    """Answers from a recording (see recording.py) instead of a machine: commands, HTTP
+    answers and login attempts. Anything the recording lacks raises KeyError, so a check that
+    asks something new fails its test instead of passing on an empty answer."""
+
+    def __init__(self, recording: dict[str, Any], description: str = "scripted") -> None:
+        self.user = "factory-validate"
+        self.description = description
+        self.commands = {
+            command: CommandResult(answer["exit_code"], answer["stdout"], answer["stderr"])
+            for command, answer in recording.get("commands", {}).items()
+        }
+        self.requests: dict[str, dict] = dict(recording.get("requests", {}))
+        self.logins: dict[str, str] = dict(recording.get("logins", {}))
+        self.key_file = Path("recorded-validator-key")
+        self.ran: list[str] = []
+
+    def run(self, command: str, stdin: str | None = None, timeout: float = 600) -> CommandResult:
+        self.ran.append(command)
+        if command not in self.commands:
+            raise KeyError(f"no recorded answer for the command {command!r}")
+        return self.commands[command]
+
+    def answer(self, command: str, **changes: Any) -> None:
+        """Change one recorded answer (stdout=, stderr=, exit_code=), for a failing case."""
+        old = self.commands[command]
+        self.commands[command] = CommandResult(
+            changes.get("exit_code", old.exit_code),
+            changes.get("stdout", old.stdout),
+            changes.get("stderr", old.stderr),
+        )
+
+    def request(
+        self,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        timeout: float = 30,
+    ) -> Answer:
+        recorded = self.requests[request_key(port, path, headers)]
+        if "error" in recorded:
+            kind, message = recorded["error"]
+            error = getattr(builtins, kind, None)
+            raise (error if isinstance(error, type) and issubclass(error, OSError) else OSError)(
+                message
+            )
+        cert = recorded.get("peer_cert")
+        return Answer(
+            recorded["status"],
+            dict(recorded["headers"]),
+            recorded["body"],
+            ssl.PEM_cert_to_DER_cert(cert) if cert else None,
+        )
+
+    def public_key(self) -> str:
+        return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIRecordedValidatorKey factory-validate"
+
+    def try_login(self, user: str, key: Path | None = None, password: str | None = None) -> str:
+        return self.logins[login_key(user, key, password)]
+
+    def close(self) -> None:
+        pass
+
+
+Target = SSHTarget | LocalTarget | ScriptedTarget
 
 
 def pinned_client(host: str, port: int, host_keys: list[str]) -> paramiko.SSHClient:
@@ -124,17 +280,18 @@ def connect(
     key_file: Path | None,
     host_keys: list[str] | None,
     deadline: float,
+    forwards: dict[int, int] | None = None,
 ) -> SSHTarget:
-    """Log in, retrying until `deadline` (time.monotonic) while the machine boots."""
-    if host_keys:
-        client_factory = lambda: pinned_client(host, port, host_keys)  # noqa: E731
-    else:
+    """Log in, retrying until `deadline` (time.monotonic) while the machine boots. `forwards`
+    maps the guest's TCP ports to ports on `host` (a VM behind QEMU's NAT)."""
 
-        def client_factory() -> paramiko.SSHClient:
-            client = paramiko.SSHClient()
-            client.load_system_host_keys()
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            return client
+    def client_factory() -> paramiko.SSHClient:
+        if host_keys:
+            return pinned_client(host, port, host_keys)
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        return client
 
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -151,7 +308,16 @@ def connect(
                 banner_timeout=30,
                 auth_timeout=30,
             )
-            return SSHTarget(client, user, f"{user}@{host}:{port}")
+            return SSHTarget(
+                client,
+                user,
+                f"{user}@{host}:{port}",
+                host=host,
+                port=port,
+                new_client=client_factory,
+                key_file=key_file,
+                forwards=forwards,
+            )
         except paramiko.BadHostKeyException as error:
             client.close()
             raise FactoryError(
@@ -171,35 +337,3 @@ def connect(
         client.close()
         time.sleep(3)
     raise FactoryError(f"cannot log in to {user}@{host}:{port}: {last_error}")
-
-
-def try_login(
-    host: str,
-    port: int,
-    user: str,
-    host_keys: list[str],
-    *,
-    key_file: Path | None = None,
-    password: str | None = None,
-) -> str:
-    """Attempt one login with a key or a password; return 'accepted' or why it was refused."""
-    client = pinned_client(host, port, host_keys)
-    try:
-        client.connect(
-            host,
-            port=port,
-            username=user,
-            key_filename=str(key_file) if key_file else None,
-            password=password,
-            allow_agent=False,
-            look_for_keys=False,
-            timeout=15,
-            banner_timeout=30,
-        )
-        return "accepted"
-    except paramiko.BadAuthenticationType as error:
-        return f"refused (server allows only {', '.join(error.allowed_types)})"
-    except paramiko.AuthenticationException as error:
-        return f"refused ({error})"
-    finally:
-        client.close()

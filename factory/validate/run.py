@@ -1,0 +1,229 @@
+"""Run the checks: against the delivery's OVA booted on a throwaway overlay, or against a live
+host. Results go to report.json, report.xml (JUnit) and report.html; what each environment
+really holds goes to envs/."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory import host
+from factory.cpu import validation_cpu
+from factory.errors import FactoryError
+from factory.profile import ENV_NAME, LoadedProfile, load_profile
+from factory.updates import INDEX_FILE, SecurityIndex
+from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
+from factory.validate.context import FAILED, PASSED, CheckContext, CheckResult
+from factory.validate.importer import check_importer_boot
+from factory.validate.recording import Recording, RecordingTarget, recording_path
+from factory.validate.report import write_reports
+from factory.validate.suites import SUITES, run_all_checks
+from factory.validate.target import LocalTarget, Target, connect
+
+LOCAL_HOST = "local"
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    results: list[CheckResult]
+    reports: list[Path]
+    boot_seconds: float | None = None
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == FAILED]
+
+
+def _find_ova(delivery: Path) -> Path:
+    ovas = sorted(delivery.glob("*.ova"))
+    if len(ovas) != 1:
+        raise FactoryError(f"{delivery}: expected one .ova, found {len(ovas)}; run `factory build`")
+    return ovas[0]
+
+
+def validate_delivery(
+    delivery: Path,
+    profile_path: Path | None = None,
+    accelerator: str = "auto",
+    report_dir: Path | None = None,
+    log=print,
+    only: tuple[str, ...] = SUITES,
+) -> ValidationOutcome:
+    """Boot the delivery's OVA disk on an overlay and run every check of the profile."""
+    delivery = delivery.resolve()
+    loaded = load_profile(profile_path or delivery / "profile.yaml")
+    ova = _find_ova(delivery)
+    accel = host.choose_accelerator(accelerator)
+    probe_port = unlisted_port(loaded)
+    with tempfile.TemporaryDirectory(prefix="factory-ova-") as scratch:
+        log(f"extracting the disk from {ova.name}")
+        disk = extract_ova_disk(ova, Path(scratch))
+        resources = loaded.profile.resources
+        vm_size = host.local_vm_size(min(resources.cpus, 2), resources.memory)
+        cpu_choice = validation_cpu(loaded.profile.cpu_baseline, accel)
+        log(f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}")
+        first: list[CheckResult] = []
+        if "importer" in only:
+            log("booting the disk as an importer does: no seed disk")
+            first = _importer_boot(disk, loaded, vm_size, accel, cpu_choice.model, log)
+        with boot_delivery(
+            disk,
+            vm_size.memory_mib,
+            vm_size.cpus,
+            accel,
+            cpu_model=cpu_choice.model,
+            # No check needs the internet; cut off, the guest cannot reach the host's loopback.
+            restrict_network=True,
+            forward_ports=[*loaded.profile.open_ports(), probe_port],
+            log=log,
+        ) as vm:
+            log(f"host keys read from the console after {vm.boot_seconds:.0f} s; logging in")
+            target = connect(
+                "127.0.0.1",
+                vm.ssh_port,
+                VALIDATOR_USER,
+                vm.key.private_key_file,
+                vm.host_keys,
+                time.monotonic() + 600,
+                forwards=vm.forwards,
+            )
+            if record := recording_path():
+                target = RecordingTarget(target, Recording(record))
+            try:
+                login = CheckResult(
+                    "ssh: login with the pinned host key",
+                    PASSED,
+                    f"{len(vm.host_keys)} host key(s) pinned from the console",
+                    group="boot",
+                )
+                ctx = CheckContext(
+                    target=target,
+                    loaded=loaded,
+                    throwaway_vm=True,
+                    locks=_delivery_locks(delivery),
+                    unlisted_port=probe_port,
+                    extra={"cpu": cpu_choice, **_delivery_security_index(delivery)},
+                )
+                log("running checks")
+                results = [*first, login, *run_all_checks(ctx, only)]
+            finally:
+                target.close()
+        boot_seconds = vm.boot_seconds
+    subject = {
+        "name": loaded.name,
+        "target": f"{ova.name} booted under {accel}",
+        "cpu": {
+            "model": cpu_choice.model,
+            "booted_level": cpu_choice.level,
+            "cpu_baseline": cpu_choice.promised,
+            "accelerator": accel,
+        },
+        "profile": str(loaded.path),
+    }
+    reports = write_reports(results, report_dir or delivery, subject)
+    _write_exports(results, report_dir or delivery)
+    return ValidationOutcome(results, reports, boot_seconds)
+
+
+def unlisted_port(loaded: LoadedProfile) -> int:
+    """A port the profile does not open, to prove the firewall drops it."""
+    return next(p for p in range(7777, 8000) if p not in loaded.profile.open_ports())
+
+
+def _importer_boot(disk, loaded, vm_size, accel, cpu_model, log) -> list[CheckResult]:
+    try:
+        return check_importer_boot(
+            disk, loaded, vm_size.memory_mib, vm_size.cpus, accel, cpu_model, log=log
+        )
+    except FactoryError as error:
+        return [CheckResult("importer: boots without a seed", FAILED, str(error), group="importer")]
+
+
+def _delivery_security_index(delivery: Path) -> dict:
+    """{"security_index": the index the image was upgraded against (None: it had none)}, or
+    {} for a delivery made before factory recorded one."""
+    path = delivery / INDEX_FILE
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {"security_index": SecurityIndex.from_json(data) if data else None}
+
+
+def _delivery_locks(delivery: Path) -> list[dict]:
+    """The delivery's lock files; a name that is not an environment name is refused, since it
+    reaches remote commands and file names."""
+    locks = []
+    for path in sorted((delivery / "locks").glob("*.lock.json")):
+        lock = json.loads(path.read_text())
+        if not isinstance(lock, dict) or not ENV_NAME.match(str(lock.get("name", ""))):
+            raise FactoryError(
+                f"{path}: `name` is not an environment name; the delivery was edited: rebuild it"
+            )
+        locks.append(lock)
+    return locks
+
+
+def _write_exports(results: list[CheckResult], out_dir: Path) -> None:
+    """Save what each environment really holds, as read back from the booted image."""
+    exports = [r.data for r in results if r.data and "installed" in r.data]
+    if not exports:
+        return
+    folder = out_dir / "envs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for export in exports:
+        name, installed = export["environment"], export["installed"]
+        if not ENV_NAME.match(name):
+            raise FactoryError(f"environment name {name!r} cannot name a file; rebuild")
+        (folder / f"{name}.installed.json").write_text(json.dumps(installed, indent=2) + "\n")
+        freeze = "".join(f"{n}=={v}\n" for n, v in sorted(installed["pip"].items()))
+        (folder / f"{name}.pip-freeze.txt").write_text(freeze)
+
+
+HOST_ADDRESS = re.compile(
+    r"^(?P<user>[a-z_][a-z0-9_.-]{0,31})@"
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d{1,5}))?$"
+)
+
+
+def parse_host(address: str) -> tuple[str, str, int]:
+    """(user, host, port) of `user@host[:port]` or `user@[ipv6][:port]`."""
+    match = HOST_ADDRESS.match(address)
+    port = int(match.group("port") or 22) if match else 0
+    if not match or not 1 <= port <= 65535:
+        raise FactoryError(
+            f"--host {address!r}: expected user@address[:port] (port 1-65535; IPv6 in "
+            "brackets) or 'local'"
+        )
+    return match.group("user"), match.group("ipv6") or match.group("host"), port
+
+
+def validate_host(
+    address: str,
+    profile_path: Path,
+    key_file: Path | None,
+    report_dir: Path,
+    log=print,
+    only: tuple[str, ...] = SUITES,
+) -> ValidationOutcome:
+    """Run the same checks against a live machine: over SSH (host keys from known_hosts),
+    or on this machine itself when `address` is LOCAL_HOST."""
+    loaded: LoadedProfile = load_profile(profile_path)
+    target: Target
+    if address == LOCAL_HOST:
+        target = LocalTarget()
+    else:
+        user, hostname, port = parse_host(address)
+        log(f"connecting to {address}")
+        target = connect(hostname, port, user, key_file, None, time.monotonic() + 60)
+    log(f"running checks on {target.description}")
+    try:
+        ctx = CheckContext(target=target, loaded=loaded, throwaway_vm=False)
+        results = run_all_checks(ctx, only)
+    finally:
+        target.close()
+    subject = {"name": loaded.name, "target": target.description, "profile": str(loaded.path)}
+    return ValidationOutcome(results, write_reports(results, report_dir, subject))

@@ -1,0 +1,100 @@
+"""The ordered registry of check suites: which checks a profile implies, in a stable order,
+each named by the group `factory validate --only` selects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from factory.resolve import image_environments
+from factory.validate import (
+    audit,
+    cloudinit,
+    cpu,
+    env,
+    firewall,
+    gpu,
+    https,
+    hygiene,
+    jupyter,
+    offline,
+    services,
+    ssh,
+    updates,
+)
+from factory.validate.context import FAILED, CheckContext, CheckResult
+
+SUITES = (
+    "importer",
+    "cpu",
+    "cloud-init",
+    "env",
+    "lock",
+    "jupyter",
+    "https",
+    "kernels",
+    "ssh",
+    "firewall",
+    "services",
+    "monitoring",
+    "audit",
+    "updates",
+    "credentials",
+    "hygiene",
+    "offline",
+    "gpu",
+)
+
+Check = Callable[[CheckContext], list[CheckResult]]
+# After the per-environment and per-lock suites, in this order ("importer" boots its own VM
+# and runs in run.py).
+MACHINE_CHECKS: list[tuple[str, Check]] = [
+    ("jupyter", jupyter.check_jupyter),
+    ("https", https.check_https),
+    ("kernels", jupyter.check_kernels_and_samples),
+    ("ssh", ssh.check_ssh_hardening),
+    ("firewall", firewall.check_firewall),
+    ("services", services.check_services_unprivileged),
+    ("monitoring", services.check_monitoring),
+    ("audit", audit.check_audit),
+    ("updates", updates.check_updates),
+    ("credentials", hygiene.check_build_credentials_removed),
+    ("hygiene", hygiene.check_image_hygiene),
+    ("offline", offline.check_offline),
+    ("gpu", gpu.check_gpu_level1),
+    ("gpu", gpu.check_gpu_level2),
+]
+
+
+def planned_suites(ctx: CheckContext) -> list[tuple[str, Callable[[], list[CheckResult]]]]:
+    """(group, check) for every check the profile implies, in the order they run."""
+    suites: list[tuple[str, Callable[[], list[CheckResult]]]] = [
+        ("cpu", lambda: cpu.check_cpu_level(ctx)),
+        ("cloud-init", lambda: cloudinit.check_cloud_init(ctx)),
+    ]
+    suites += [
+        ("env", lambda environment=environment: env.check_environment(ctx, environment))
+        for environment in image_environments(ctx.loaded)
+    ]
+    suites += [("lock", lambda lock=lock: env.check_matches_lock(ctx, lock)) for lock in ctx.locks]
+    suites += [(key, lambda check=check: check(ctx)) for key, check in MACHINE_CHECKS]
+    return suites
+
+
+def run_all_checks(ctx: CheckContext, only: Iterable[str] = SUITES) -> list[CheckResult]:
+    """Every check the profile implies, in a stable order; `only` names a subset of SUITES."""
+    wanted = set(only)
+    results: list[CheckResult] = []
+    for key, suite in planned_suites(ctx):
+        if key not in wanted:
+            continue
+        started = time.monotonic()
+        try:
+            batch = suite()
+        except Exception as error:  # a crashed check is a failed check, never a pass
+            batch = [CheckResult(f"check crashed: {type(error).__name__}", FAILED, str(error))]
+        spent = (time.monotonic() - started) / max(len(batch), 1)
+        for item in batch:
+            item.seconds = round(spent, 2)
+        results += batch
+    return results
