@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Iterable
 
 from factory.errors import ToolError
@@ -76,3 +78,55 @@ def require_root_and_tools(work: str, why_root: str, tools: Iterable[str], hint:
             f"{', '.join(absent)} not found, needed for {work}; "
             f"install with: {install_command(absent)}"
         )
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def first_line(argv: list[str], timeout: float = 15.0) -> str | None:
+    """First non-empty line a command prints (stdout, then stderr), or None if it cannot run."""
+    env = dict(os.environ, CHECKPOINT_DISABLE="1", LC_ALL="C")
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            env=env,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for stream in (done.stdout, done.stderr):
+        for line in stream.splitlines():
+            if line.strip():
+                return line.strip()
+    return None
+
+
+def dpkg_version(package: str) -> str | None:
+    """The installed version of a Debian package, or None."""
+    if not which("dpkg-query"):
+        return None
+    line = first_line(["dpkg-query", "-W", "-f=${Version}\n", package])
+    return line if line and "no packages found" not in line.lower() else None
+
+
+def packer_version() -> tuple[int, int, int] | None:
+    """HashiCorp Packer's version from ``packer version``, or None when it is missing."""
+    packer = which("packer")
+    if not packer:
+        return None
+    line = first_line([packer, "version"])
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", line or "")
+    if not match:
+        return None
+    major, minor, patch = (int(part) for part in match.groups())
+    return (major, minor, patch)
+
+
+def qemu_version() -> str | None:
+    """The first line of ``qemu-system-x86_64 --version``, or None when it is missing."""
+    qemu = which("qemu-system-x86_64")
+    return first_line([qemu, "--version"]) if qemu else None
