@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import host
+from factory import host, seed
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config
 from factory.keys import KeyPair, ephemeral_keypair
-from factory.processes import die_with_parent, stop_gently
-from factory.render import temporary_login
+from factory.processes import die_with_parent, stop
 
 VALIDATOR_USER = "factory-validate"
 HOST_KEY_BLOCKS = [
@@ -56,18 +55,9 @@ def _free_port() -> int:
 
 
 def _seed_iso(folder: Path, key: KeyPair) -> Path:
-    user_data = cloud_config(temporary_login(VALIDATOR_USER, key.public_key))
-    (folder / "user-data").write_text(user_data)
-    (folder / "meta-data").write_text("instance-id: factory-validate\nlocal-hostname: validate\n")
-    if shutil.which("cloud-localds") is None:
-        raise ToolError("cloud-localds is missing; run `apt-get install -y cloud-image-utils`")
-    seed = folder / "seed.iso"
-    subprocess.run(
-        ["cloud-localds", str(seed), str(folder / "user-data"), str(folder / "meta-data")],
-        check=True,
-        capture_output=True,
-    )
-    return seed
+    """A NoCloud seed that adds the validator's temporary, key-only login."""
+    user_data = cloud_config(seed.temporary_login(VALIDATOR_USER, key.public_key))
+    return seed.write_seed_iso(folder, user_data, seed.meta_data("factory-validate", "validate"))
 
 
 def host_keys_from_console(text: str) -> list[str]:
@@ -164,7 +154,7 @@ def boot_delivery(
             yield BootedVM(port, keys, key, console, seconds, forwards, agent)
     finally:
         if process is not None:
-            stop_gently(process, 20)
+            stop(process, group=False, grace=20)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from factory.escape import shell_word
 from factory.export import _XML_FORBIDDEN
+from factory.image_layout import JUPYTER_TOKEN_FILE
 from factory.profile import LoadedProfile
 from factory.validate.target import Target
 
@@ -62,7 +63,7 @@ def quote(text: str) -> str:
 def jupyter_token(ctx: CheckContext) -> str:
     """The Jupyter token the image made on its first boot ('' when there is none)."""
     return ctx.target.run(
-        "sudo sed -n 's/^JUPYTER_TOKEN=//p' /etc/factory/jupyter.env 2>/dev/null"
+        f"sudo sed -n 's/^JUPYTER_TOKEN=//p' {JUPYTER_TOKEN_FILE} 2>/dev/null"
     ).stdout.strip()
 
 

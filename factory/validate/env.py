@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
+from factory.image_layout import CONDA_ENVS
 from factory.profile import Environment, package_name
 from factory.validate.context import FAILED, CheckContext, CheckResult, quote, result
-
-ENVS_ROOT = "/opt/conda/envs"
 
 ENV_PROBE = r"""
 import importlib, importlib.metadata as md, json, os, platform, sys
@@ -62,7 +61,7 @@ print(json.dumps({"conda": conda, "pip": pip}, sort_keys=True))
 def check_environment(ctx: CheckContext, env: Environment) -> list[CheckResult]:
     """The environment exists, runs the profile's Python and imports every package."""
     group = f"env:{env.name}"
-    prefix = f"{ENVS_ROOT}/{env.name}"
+    prefix = f"{CONDA_ENVS}/{env.name}"
     conda = [n for n in map(package_name, env.conda) if n != "python"]
     pip = [package_name(s) for s in env.pip]
     request = json.dumps({"conda": conda, "pip": pip})
@@ -116,7 +115,7 @@ def check_environment(ctx: CheckContext, env: Environment) -> list[CheckResult]:
 
 def export_environment(ctx: CheckContext, name: str) -> dict | None:
     """What is really installed in an environment: conda records and pip distributions."""
-    probe = ctx.target.run(f"{ENVS_ROOT}/{name}/bin/python -c {quote(EXPORT_PROBE)}")
+    probe = ctx.target.run(f"{CONDA_ENVS}/{name}/bin/python -c {quote(EXPORT_PROBE)}")
     return json.loads(probe.stdout) if probe.ok else None
 
 

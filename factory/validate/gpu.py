@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from factory.image_layout import CONDA_ENVS
 from factory.profile import package_name
 from factory.validate.context import SKIPPED, CheckContext, CheckResult, quote, result
 
@@ -107,7 +108,7 @@ def check_gpu_level2(ctx: CheckContext) -> list[CheckResult]:
         )
     ]
     for env, name in zip(torch_envs, names[1:], strict=True):
-        probe = ctx.target.run(f"/opt/conda/envs/{env}/bin/python -c {quote(CUDA_PROBE)}")
+        probe = ctx.target.run(f"{CONDA_ENVS}/{env}/bin/python -c {quote(CUDA_PROBE)}")
         try:
             data = json.loads(probe.stdout)
         except json.JSONDecodeError:

@@ -7,6 +7,7 @@ import ssl
 
 from cryptography import x509
 
+from factory.image_layout import TLS_CERTIFICATE
 from factory.validate.context import (
     FAILED,
     SKIPPED,
@@ -18,7 +19,6 @@ from factory.validate.context import (
 from factory.validate.web import tls_context
 
 GROUP = "https"
-TLS_CERT = "/etc/factory/tls/jupyter.crt"
 WEBSOCKET_UPGRADE = {
     "Upgrade": "websocket",
     "Connection": "Upgrade",
@@ -45,7 +45,7 @@ def check_https(ctx: CheckContext) -> list[CheckResult]:
     if not ctx.loaded.profile.jupyter.enabled or not hasattr(target, "request"):
         reason = "jupyter.enabled is false" if hasattr(target, "request") else "ports not reachable"
         return [CheckResult("https: nginx in front of Jupyter", SKIPPED, reason, group=GROUP)]
-    cert_pem = target.run(f"cat {TLS_CERT}").stdout
+    cert_pem = target.run(f"cat {TLS_CERTIFICATE}").stdout
     name = certificate_name(cert_pem, target.run("hostname").stdout.strip())
     token = jupyter_token(ctx)
     results = []
@@ -58,7 +58,7 @@ def check_https(ctx: CheckContext) -> list[CheckResult]:
             result(
                 "https: valid certificate chain for the machine's name",
                 same,
-                f"TLS to {name} verified against {TLS_CERT}"
+                f"TLS to {name} verified against {TLS_CERTIFICATE}"
                 + ("" if same else "; but nginx served another certificate"),
                 GROUP,
             )

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import re
 
+from factory.image_layout import (
+    JUPYTER_HOME,
+    JUPYTER_TOKEN_FILE,
+    PAYLOAD_DIR,
+    TLS_CLIENT_SUPPLIED,
+    TLS_KEY,
+)
 from factory.profile import BUILD_USER
 from factory.validate.context import CheckContext, CheckResult, jupyter_token, quote, result
 
@@ -12,13 +19,13 @@ GROUP = "hygiene"
 FIRST_BOOT_SECRETS = [
     "/etc/ssh/ssh_host_ed25519_key",
     "/etc/ssh/ssh_host_rsa_key",
-    "/etc/factory/jupyter.env",
-    "/etc/factory/tls/jupyter.key",
+    str(JUPYTER_TOKEN_FILE),
+    str(TLS_KEY),
 ]
 PRIVATE_KEY_MARK = "PRIVATE KEY-----"
 SCANNED_DIRS = "/etc /root /home /srv /var /tmp /opt/factory /usr/local"
 # Where the running Jupyter server keeps its own connection files (mode 0600, its user).
-JUPYTER_RUNTIME = "/srv/jupyter/.local/share/jupyter/runtime/"
+JUPYTER_RUNTIME = f"{JUPYTER_HOME}/.local/share/jupyter/runtime/"
 
 
 def check_build_credentials_removed(ctx: CheckContext) -> list[CheckResult]:
@@ -26,7 +33,7 @@ def check_build_credentials_removed(ctx: CheckContext) -> list[CheckResult]:
     if ctx.target.run(f"getent passwd {BUILD_USER}").ok:
         leftovers.append(f"user {BUILD_USER}")
     probe = ctx.target.run(
-        f"sudo sh -c 'ls -d /home/{BUILD_USER} /tmp/factory-payload "
+        f"sudo sh -c 'ls -d /home/{BUILD_USER} {PAYLOAD_DIR} "
         f"2>/dev/null; grep -rl {BUILD_USER} /etc/sudoers /etc/sudoers.d /etc/passwd /etc/shadow "
         "/etc/group 2>/dev/null'"
     )
@@ -72,9 +79,7 @@ def _stray_private_keys(ctx: CheckContext) -> list[str]:
         f"sudo grep -rlI --exclude-dir=proc -f /dev/stdin {SCANNED_DIRS} 2>/dev/null",
         stdin=PRIVATE_KEY_MARK + "\n",
     ).stdout.split()
-    allowed = {"/etc/factory/tls/jupyter.key"} | {
-        p for p in found if re.match(r"^/etc/ssh/ssh_host_\w+_key$", p)
-    }
+    allowed = {str(TLS_KEY)} | {p for p in found if re.match(r"^/etc/ssh/ssh_host_\w+_key$", p)}
     return [f"private key in {path}" for path in found if path not in allowed]
 
 
@@ -86,7 +91,7 @@ def _stray_tokens(ctx: CheckContext, token: str) -> list[str]:
         stdin=token + "\n" if token else "JUPYTER_TOKEN=no-token-to-search\n",
     ).stdout.split()
     admin_home = ctx.target.run(f"getent passwd {ctx.loaded.profile.admin.user}").stdout
-    token_files = {"/etc/factory/jupyter.env", admin_home.split(":")[5] + "/jupyter-token"}
+    token_files = {str(JUPYTER_TOKEN_FILE), admin_home.split(":")[5] + "/jupyter-token"}
     return [
         f"token in {path}"
         for path in sorted(set(tokens) - token_files)
@@ -96,7 +101,7 @@ def _stray_tokens(ctx: CheckContext, token: str) -> list[str]:
 
 def _secrets_not_from_this_boot(ctx: CheckContext) -> list[str]:
     """First-boot secrets that are missing, or older than this boot (baked into the image)."""
-    supplied = ctx.target.run("test -e /etc/factory/tls/client-supplied").ok
+    supplied = ctx.target.run(f"test -e {TLS_CLIENT_SUPPLIED}").ok
     jupyter = ctx.loaded.profile.jupyter.enabled
     paths = [
         p

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+from factory.image_layout import JUPYTER_ENV_PREFIX, SAMPLES_DIR
 from factory.validate.context import (
     SKIPPED,
     CheckContext,
@@ -16,8 +17,7 @@ from factory.validate.context import (
     unit_user,
 )
 
-JUPYTER_BIN = "/opt/conda/envs/jupyter/bin"
-SAMPLES_DIR = "/srv/jupyter/notebooks/samples"
+JUPYTER_BIN = JUPYTER_ENV_PREFIX / "bin"
 NOTEBOOK_RUNNER = r"""
 import sys, nbclient, nbformat
 notebook = nbformat.read(sys.argv[1], as_version=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from factory.image_layout import CONDA_PREFIX
 from factory.profile import Environment, package_name
 from factory.validate.context import CheckContext, CheckResult, quote, result
 
@@ -36,7 +37,7 @@ def check_offline(ctx: CheckContext) -> list[CheckResult]:
             GROUP,
         )
     ]
-    config = ctx.target.run("cat /opt/conda/.condarc /etc/pip.conf").stdout
+    config = ctx.target.run(f"cat {CONDA_PREFIX}/.condarc /etc/pip.conf").stdout
     channels = re.findall(r"^\s*-\s*(\S+)", config, re.M)
     pointed = channels == [BAKED_CHANNEL] and "no-index = true" in config
     results.append(

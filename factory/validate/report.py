@@ -7,12 +7,10 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-import jinja2
 from junitparser import Failure, JUnitXml, Skipped, TestCase, TestSuite
 
+from factory.templates import render_template
 from factory.validate.context import FAILED, PASSED, SKIPPED, CheckResult
-
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def summarise(results: list[CheckResult]) -> dict[str, int]:
@@ -59,9 +57,10 @@ def write_reports(results: list[CheckResult], out_dir: Path, subject: dict) -> l
     xml_path = out_dir / "report.xml"
     xml.write(str(xml_path), pretty=True)
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
-    html = env.get_template("report.html.j2").render(
-        subject=subject, created=created, summary=counts, results=results
+    # A live host's subject has no CPU model; the strict template needs the key to exist.
+    page_subject = {"cpu": None, **subject}
+    html = render_template(
+        "report.html.j2", subject=page_subject, created=created, summary=counts, results=results
     )
     html_path = out_dir / "report.html"
     html_path.write_text(html)
