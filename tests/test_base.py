@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from factory import base
+from factory import base, download
+from factory.base import debian, recipe
 from factory.cache import CACHE_ENV_VAR, cache_dir, sha256_file
 from factory.errors import FactoryError, ToolError
 
@@ -25,7 +26,7 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 def tmp_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv(CACHE_ENV_VAR, str(cache))
-    monkeypatch.setattr(base, "DOWNLOAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr(download, "BACKOFF_SECONDS", 0.0)
     assert cache_dir() == cache.resolve()
     return cache
 
@@ -99,7 +100,7 @@ def test_bad_sha256_is_refused(tmp_cache, image_file, sha):
 
 def test_missing_file_is_a_one_line_error(tmp_cache, tmp_path):
     url = (tmp_path / "nope.qcow2").as_uri()
-    with pytest.raises(FactoryError, match=r"^base\.url: cannot read .*nope\.qcow2"):
+    with pytest.raises(FactoryError, match=r"^base\.url: cannot download .*nope\.qcow2"):
         base.cloud_base_image(url, PAYLOAD_SHA, log=lambda _: None)
     assert _downloads(tmp_cache) == []
 
@@ -142,10 +143,10 @@ def test_http_download_retries_server_errors(tmp_cache, http_server):
 
 
 def test_http_download_gives_up_after_retries(tmp_cache, http_server):
-    _FlakyHandler.failures = [503] * (base.DOWNLOAD_RETRIES + 1)
+    _FlakyHandler.failures = [503] * (download.ATTEMPTS)
     with pytest.raises(FactoryError, match=r"^base\.url: cannot download .*HTTP 503"):
         base.cloud_base_image(http_server, PAYLOAD_SHA, log=lambda _: None)
-    assert _FlakyHandler.requests == base.DOWNLOAD_RETRIES + 1
+    assert _FlakyHandler.requests == download.ATTEMPTS
     assert _downloads(tmp_cache) == []
 
 
@@ -172,7 +173,9 @@ def test_debian_build_needs_root(tmp_cache, monkeypatch):
 
 def test_debian_build_names_missing_tools(tmp_cache, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(base.shutil, "which", lambda tool: None if tool == "mmdebstrap" else tool)
+    monkeypatch.setattr(
+        shutil, "which", lambda tool, path=None: None if tool == "mmdebstrap" else tool
+    )
     with pytest.raises(ToolError, match=r"mmdebstrap not found.*apt-get install -y mmdebstrap"):
         base.debian_base_image(log=lambda _: None)
 
@@ -187,8 +190,8 @@ def test_cached_debian_image_is_reused_without_root(tmp_cache, monkeypatch):
         out.write_bytes(b"image")
         return out
 
-    monkeypatch.setattr(base, "_build", fake_build)
-    monkeypatch.setattr(base, "_check_build_host", lambda: None)
+    monkeypatch.setattr(recipe, "build_disk", fake_build)
+    monkeypatch.setattr(debian, "check_build_host", lambda: None)
     first = base.debian_base_image(log=lambda _: None)
     sidecar = json.loads(first.with_suffix(".json").read_text())
     assert sidecar["sha256"] == sha256_file(first) and sidecar["size"] == 5
@@ -226,8 +229,8 @@ def test_failed_debian_build_leaves_no_cache_entry(tmp_cache, monkeypatch):
         (workdir / "disk.raw").write_bytes(b"partial")
         raise ToolError("mmdebstrap failed (exit 1): E: boom; full log: x")
 
-    monkeypatch.setattr(base, "_build", failing_build)
-    monkeypatch.setattr(base, "_check_build_host", lambda: None)
+    monkeypatch.setattr(recipe, "build_disk", failing_build)
+    monkeypatch.setattr(debian, "check_build_host", lambda: None)
     with pytest.raises(ToolError, match="boom"):
         base.debian_base_image(log=lambda _: None)
     leftovers = [p.name for p in (tmp_cache / "base").iterdir()]
@@ -235,9 +238,15 @@ def test_failed_debian_build_leaves_no_cache_entry(tmp_cache, monkeypatch):
     assert not [name for name in leftovers if name.startswith(".build-")]
 
 
-def test_recipe_fingerprint_ignores_formatting_only():
-    assert base._recipe_fingerprint() == base._recipe_fingerprint()
-    assert base._recipe_fingerprint().startswith(base.RECIPE_VERSION + "-")
+def test_any_edit_to_the_recipe_file_changes_the_fingerprint(tmp_path):
+    assert debian.recipe_fingerprint() == debian.recipe_fingerprint()
+    assert debian.recipe_fingerprint().startswith(debian.RECIPE_VERSION + "-")
+    copy = tmp_path / "recipe.py"
+    copy.write_text(Path(recipe.__file__).read_text())
+    assert debian.recipe_fingerprint(copy) == debian.recipe_fingerprint()
+    # A helper added to the recipe file changes the key without being listed anywhere.
+    copy.write_text(copy.read_text() + "\n\ndef new_helper() -> None:\n    pass\n")
+    assert debian.recipe_fingerprint(copy) != debian.recipe_fingerprint()
 
 
 @pytest.mark.e2e
@@ -309,7 +318,7 @@ def test_interrupted_build_unmounts_and_detaches(tmp_cache, fake_mmdebstrap, mon
         time.sleep(5)
         raise AssertionError("SIGTERM was not turned into SystemExit")
 
-    monkeypatch.setattr(base, "_configure_rootfs", interrupted)
+    monkeypatch.setattr(recipe, "configure_rootfs", interrupted)
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt if how == "sigint" else SystemExit):
         base.debian_base_image(log=lambda _: None)
