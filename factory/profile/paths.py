@@ -17,10 +17,11 @@ from factory.profile.sections import plain_channel
 
 # Presets and their notebooks ship inside the package, so a wheel finds them as a checkout does.
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-# The example profiles of a checkout (profiles/ beside the package), which users start from;
-# an installed package has none.
-_CHECKOUT = Path(__file__).resolve().parents[2]
-EXAMPLES_DIR = _CHECKOUT / "profiles" if (_CHECKOUT / "pyproject.toml").is_file() else PRESETS_DIR
+# The repository root when running from a checkout; None in an installed package.
+_ABOVE_PACKAGE = Path(__file__).resolve().parents[2]
+CHECKOUT_DIR = _ABOVE_PACKAGE if (_ABOVE_PACKAGE / "pyproject.toml").is_file() else None
+# The example profiles of a checkout, which users start from; an installed package has none.
+EXAMPLES_DIR = CHECKOUT_DIR / "profiles" if CHECKOUT_DIR else PRESETS_DIR
 ALLOWED_ROOTS_ENV_VAR = "FACTORY_ALLOWED_ROOTS"
 MAX_NOTEBOOK_BYTES = 64 << 20
 SPECIAL_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))

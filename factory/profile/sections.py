@@ -37,7 +37,9 @@ class CloudImage(Strict):
 
     url: str = Field(description="http(s):// or file:// URL of a qcow2 cloud image.")
     sha256: str = Field(description="sha256 of the image, 64 lowercase hex digits.")
-    os: Literal["debian", "ubuntu"] = "debian"
+    os: Literal["debian", "ubuntu"] = Field(
+        "debian", description="The image's distribution; the solver's glibc follows it."
+    )
 
     @field_validator("url")
     @classmethod
