@@ -92,7 +92,10 @@ def validate_delivery(
                 forwards=vm.forwards,
             )
             if record := recording_path():
-                target = RecordingTarget(target, Recording(record))
+                recording = Recording(record)
+                recording.entry("meta", "unlisted_port", probe_port)
+                recording.entry("meta", "accelerator", accel)
+                target = RecordingTarget(target, recording)
             try:
                 login = CheckResult(
                     "ssh: login with the pinned host key",
