@@ -15,19 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hcl2
-import jinja2
 import yaml
 
-from factory import cpu, host
-from factory.errors import FactoryError, ToolError
+from factory import cpu, gpu, host, image_layout, tools
+from factory.errors import FactoryError
 from factory.escape import cloud_config, hcl_string, shell_assignments
 from factory.keys import KeyPair
 from factory.profile import BUILD_USER, LoadedProfile
 from factory.resolve import image_environments
+from factory.resources import PROVISIONERS_DIR
+from factory.seed import meta_data, temporary_login, write_seed_files
+from factory.templates import render_template
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKER_DIR = REPO_ROOT / "packer"
-PROVISIONERS_DIR = REPO_ROOT / "provisioners"
+# Temporary re-export: boxes.py and validate/boot.py still import temporary_login from here.
+__all__ = ["temporary_login"]
 # Ordered stages: each later stage depends on the ones before it (for layer caching). The
 # conda stage runs on the host before the VM boots (BuildInputs.host_stages).
 STAGE_SCRIPTS = [
@@ -92,13 +93,9 @@ def build_vm_needs_network(loaded: LoadedProfile) -> bool:
 
 
 def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(PACKER_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
-    template = env.get_template("image.pkr.hcl.j2")
-    return template.render(
+    return render_template(
+        "image.pkr.hcl.j2",
+        payload_dir=str(image_layout.PAYLOAD_DIR),
         guest_network=build_vm_needs_network(loaded),
         modern_packer=inputs.packer_version >= (1, 7, 0),
         scripts=[
@@ -134,28 +131,15 @@ def render_pkrvars(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def temporary_login(user: str, public_key: str) -> dict:
-    """cloud-config for a key-only sudo user that exists while a VM is built or validated."""
-    return {
-        "users": [
-            {
-                "name": user,
-                "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                "shell": "/bin/bash",
-                "lock_passwd": True,
-                "ssh_authorized_keys": [public_key],
-            }
-        ],
-    }
-
-
 def render_seed(loaded: LoadedProfile, inputs: BuildInputs) -> dict[str, str]:
     user_data = cloud_config(
         {**temporary_login(BUILD_USER, inputs.build_key.public_key), "ssh_pwauth": False}
     )
     hostname = loaded.name.replace("_", "-")
-    meta_data = f"instance-id: factory-build-{hostname}\nlocal-hostname: {hostname}\n"
-    return {"user-data": user_data, "meta-data": meta_data}
+    return {
+        "user-data": user_data,
+        "meta-data": meta_data(f"factory-build-{hostname}", hostname),
+    }
 
 
 def render_settings(loaded: LoadedProfile) -> str:
@@ -181,6 +165,9 @@ def render_settings(loaded: LoadedProfile) -> str:
             "GPU_DRIVER": profile.gpu.driver if profile.gpu else "",
             "GPU_CUDA": profile.gpu.cuda if profile.gpu else "",
             "GPU_TOOLKIT": int(bool(profile.gpu and profile.gpu.toolkit)),
+            # What 15-gpu.sh installs on a Debian image that lacks it (the base layer has it).
+            "DEBIAN_GPU_PACKAGES": " ".join(gpu.DEBIAN_GPU_PACKAGES),
+            **image_layout.settings(),
         }
     )
 
@@ -190,10 +177,8 @@ def render_build_dir(loaded: LoadedProfile, inputs: BuildInputs, build_dir: Path
     build_dir.mkdir(parents=True, exist_ok=True)
     (build_dir / "image.pkr.hcl").write_text(render_packer_template(loaded, inputs))
     (build_dir / "image.pkrvars.hcl").write_text(render_pkrvars(loaded, inputs))
-    seed = build_dir / "seed"
-    seed.mkdir(exist_ok=True)
-    for name, text in render_seed(loaded, inputs).items():
-        (seed / name).write_text(text)
+    seed = render_seed(loaded, inputs)
+    write_seed_files(build_dir / "seed", seed["user-data"], seed["meta-data"])
     scripts = build_dir / "provisioners"
     scripts.mkdir(exist_ok=True)
     for name in stage_scripts(loaded):
@@ -276,10 +261,9 @@ def packer_env(key_file: Path) -> dict[str, str]:
 
 
 def packer_validate(build_dir: Path, key_file: Path) -> None:
-    if shutil.which("packer") is None:
-        raise ToolError("packer is not installed; run `apt-get install -y packer`")
+    packer = tools.require("packer")
     result = subprocess.run(
-        ["packer", "validate", "-var-file=image.pkrvars.hcl", "image.pkr.hcl"],
+        [packer, "validate", "-var-file=image.pkrvars.hcl", "image.pkr.hcl"],
         cwd=build_dir,
         env=packer_env(key_file),
         capture_output=True,

@@ -34,8 +34,9 @@ CONF
 sshd -t
 passwd --lock root >/dev/null
 
-install -d -m 755 /etc/factory
-install -m 644 "$FACTORY_PAYLOAD/settings.sh" /etc/factory/settings.sh
+# Installed, so that first boot, token rotation and sealing read the same settings.
+install -d -m 755 "$FACTORY_CONFIG_DIR"
+install -m 644 "$FACTORY_PAYLOAD/settings.sh" "$FACTORY_CONFIG_DIR/settings.sh"
 install -m 755 "$FACTORY_PAYLOAD/factory-firstboot" /usr/local/sbin/factory-firstboot
 install -m 644 "$FACTORY_PAYLOAD/factory-firstboot.service" /etc/systemd/system/
 systemctl enable factory-firstboot.service

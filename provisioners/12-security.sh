@@ -58,12 +58,13 @@ cat > /etc/audit/rules.d/50-factory.rules <<'RULES'
 -w /etc/ssh/sshd_config -p wa -k factory-sshd
 -w /etc/ssh/sshd_config.d/ -p wa -k factory-sshd
 -w /etc/pam.d/ -p wa -k factory-pam
--w /etc/factory/jupyter.env -p r -k factory-jupyter-token
 -a always,exit -F arch=b64 -S adjtimex,settimeofday,clock_settime -k factory-time
 -w /etc/localtime -p wa -k factory-time
 -a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k factory-modules
 -a always,exit -F arch=b64 -S execve -F euid=0 -F auid>=1000 -F auid!=unset -k factory-root-commands
 RULES
+# Reads of the Jupyter token (its path comes from settings.sh).
+echo "-w $FACTORY_JUPYTER_TOKEN_FILE -p r -k factory-jupyter-token" >> /etc/audit/rules.d/50-factory.rules
 cat > /etc/audit/rules.d/99-factory-lock.rules <<'RULES'
 ## Installed by factory: no rule changes until the next boot.
 -e 2

@@ -15,7 +15,7 @@ installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q 'install
 case "$ID" in
 debian)
     module=nvidia-current
-    packages="linux-headers-amd64 nvidia-kernel-dkms nvidia-smi"
+    packages=$DEBIAN_GPU_PACKAGES
     [ "$GPU_TOOLKIT" = 1 ] && packages="$packages nvidia-cuda-toolkit"
     missing=""
     for package in $packages; do installed "$package" || missing="$missing $package"; done

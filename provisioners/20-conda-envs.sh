@@ -14,31 +14,32 @@ for wheel in "$FACTORY_PAYLOAD"/installer/*.whl; do
     python3 -m zipfile -e "$wheel" "$rattler_dir"
 done
 if [ "$INSTALLER" = rattler ]; then
-    install -d -m 755 /opt/conda/envs
+    install -d -m 755 "$FACTORY_CONDA_ENVS"
     for env in $ENVIRONMENTS; do
         echo "factory-step: conda environment $env"
         PYTHONPATH="$rattler_dir" python3 "$FACTORY_PAYLOAD/install_env.py" \
-            "$FACTORY_PAYLOAD" "$env" "/opt/conda/envs/$env"
+            "$FACTORY_PAYLOAD" "$env" "$FACTORY_CONDA_ENVS/$env"
     done
 else
     # Miniconda or Miniforge, checked against the profile's sha256 on the build host. The
     # environments come from the same locks and the same shipped channel, offline.
-    echo "factory-step: $INSTALLER into /opt/conda"
-    rm -rf /opt/conda
-    bash "$FACTORY_PAYLOAD/conda-installer/installer.sh" -b -p /opt/conda
+    echo "factory-step: $INSTALLER into $FACTORY_CONDA_PREFIX"
+    rm -rf "$FACTORY_CONDA_PREFIX"
+    bash "$FACTORY_PAYLOAD/conda-installer/installer.sh" -b -p "$FACTORY_CONDA_PREFIX"
     for env in $ENVIRONMENTS; do
         echo "factory-step: conda environment $env"
-        /opt/conda/bin/conda create --yes --quiet --offline --prefix "/opt/conda/envs/$env" \
+        "$FACTORY_CONDA_PREFIX/bin/conda" create --yes --quiet --offline \
+            --prefix "$FACTORY_CONDA_ENVS/$env" \
             --file "$FACTORY_PAYLOAD/envs/$env/explicit.local.txt"
         if grep -q -- '--hash' "$FACTORY_PAYLOAD/envs/$env/pip.txt"; then
-            "/opt/conda/envs/$env/bin/python" -m pip install --no-index --no-deps \
+            "$FACTORY_CONDA_ENVS/$env/bin/python" -m pip install --no-index --no-deps \
                 --require-hashes --disable-pip-version-check \
                 --find-links "$FACTORY_PAYLOAD/wheels" -r "$FACTORY_PAYLOAD/envs/$env/pip.txt"
         fi
     done
-    /opt/conda/bin/conda clean --all --yes --quiet
+    "$FACTORY_CONDA_PREFIX/bin/conda" clean --all --yes --quiet
     # `conda activate <env>` from a login shell.
-    ln -sf /opt/conda/etc/profile.d/conda.sh /etc/profile.d/conda.sh
+    ln -sf "$FACTORY_CONDA_PREFIX/etc/profile.d/conda.sh" /etc/profile.d/conda.sh
 fi
 # The installer stays in the image: factory-env uses it to create environments offline.
 install -m 755 "$FACTORY_PAYLOAD/factory-env" /usr/local/bin/factory-env
@@ -48,7 +49,7 @@ if [ "${OFFLINE:-0}" = 1 ]; then
     rm -rf /opt/factory/channel /opt/factory/wheelhouse
     cp -r "$FACTORY_PAYLOAD/channel" /opt/factory/channel
     cp -r "$FACTORY_PAYLOAD/wheels" /opt/factory/wheelhouse
-    cat > /opt/conda/.condarc <<'CONDARC'
+    cat > "$FACTORY_CONDA_PREFIX/.condarc" <<'CONDARC'
 # Installed by factory: this image is air-gapped; only its private channel is used.
 channels:
   - file:///opt/factory/channel
@@ -64,16 +65,16 @@ PIPCONF
 fi
 
 # The installer writes some metadata owner-only; every user must be able to read the envs.
-chmod -R a+rX /opt/conda /opt/factory
+chmod -R a+rX "$FACTORY_CONDA_PREFIX" /opt/factory
 
-cat > /etc/profile.d/factory-conda.sh <<'PROFILE'
-# Installed by factory: `factory-activate ENV` puts an environment first on PATH.
+cat > /etc/profile.d/factory-conda.sh <<PROFILE
+# Installed by factory: 'factory-activate ENV' puts an environment first on PATH.
 factory-activate() {
-    if [ ! -x "/opt/conda/envs/$1/bin/python" ]; then
-        echo "no environment '$1' in /opt/conda/envs" >&2
+    if [ ! -x "$FACTORY_CONDA_ENVS/\$1/bin/python" ]; then
+        echo "no environment '\$1' in $FACTORY_CONDA_ENVS" >&2
         return 1
     fi
-    export CONDA_PREFIX="/opt/conda/envs/$1" CONDA_DEFAULT_ENV="$1"
-    export PATH="/opt/conda/envs/$1/bin:$PATH"
+    export CONDA_PREFIX="$FACTORY_CONDA_ENVS/\$1" CONDA_DEFAULT_ENV="\$1"
+    export PATH="$FACTORY_CONDA_ENVS/\$1/bin:\$PATH"
 }
 PROFILE

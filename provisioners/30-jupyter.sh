@@ -7,14 +7,14 @@ set -euo pipefail
 echo "factory-step: jupyter"
 
 if ! id jupyter >/dev/null 2>&1; then
-    useradd --system --create-home --home-dir /srv/jupyter --shell /usr/sbin/nologin jupyter
+    useradd --system --create-home --home-dir "$FACTORY_JUPYTER_HOME" --shell /usr/sbin/nologin jupyter
 fi
-install -d -m 750 -o jupyter -g jupyter /srv/jupyter/notebooks
+install -d -m 750 -o jupyter -g jupyter "$FACTORY_NOTEBOOKS_DIR"
 
 for env in $ENVIRONMENTS; do
-    python="/opt/conda/envs/$env/bin/python"
+    python="$FACTORY_CONDA_ENVS/$env/bin/python"
     if [ "$env" != jupyter ] && "$python" -c 'import ipykernel' 2>/dev/null; then
-        "$python" -m ipykernel install --prefix /opt/conda/envs/jupyter \
+        "$python" -m ipykernel install --prefix "$FACTORY_CONDA_ENVS/jupyter" \
             --name "$env" --display-name "Python ($env)"
     fi
 done
@@ -28,10 +28,10 @@ Requires=factory-firstboot.service
 [Service]
 User=jupyter
 Group=jupyter
-WorkingDirectory=/srv/jupyter/notebooks
+WorkingDirectory=${FACTORY_NOTEBOOKS_DIR}
 # JUPYTER_TOKEN is generated on first boot; it is never baked into the image.
-EnvironmentFile=/etc/factory/jupyter.env
-ExecStart=/opt/conda/envs/jupyter/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=${JUPYTER_PORT} \\
+EnvironmentFile=${FACTORY_JUPYTER_TOKEN_FILE}
+ExecStart=${FACTORY_CONDA_ENVS}/jupyter/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=${JUPYTER_PORT} \\
     --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True \\
     --ServerApp.authenticate_prometheus=False
 Restart=on-failure
@@ -67,8 +67,8 @@ server {
 server {
     listen 443 ssl default_server;
     listen [::]:443 ssl default_server;
-    ssl_certificate /etc/factory/tls/jupyter.crt;
-    ssl_certificate_key /etc/factory/tls/jupyter.key;
+    ssl_certificate ${FACTORY_TLS_CERTIFICATE};
+    ssl_certificate_key ${FACTORY_TLS_KEY};
     ssl_protocols TLSv1.2 TLSv1.3;
     server_tokens off;
     client_max_body_size 512m;
@@ -102,10 +102,10 @@ cat > /etc/systemd/system/nginx.service.d/50-factory.conf <<'UNIT'
 After=factory-firstboot.service
 Requires=factory-firstboot.service
 UNIT
-install -d -m 755 /etc/factory/tls
+install -d -m 755 "$FACTORY_TLS_DIR"
 if [ -s "$FACTORY_PAYLOAD/tls/jupyter.crt" ]; then
-    install -m 644 "$FACTORY_PAYLOAD/tls/jupyter.crt" /etc/factory/tls/jupyter.crt
-    install -m 600 "$FACTORY_PAYLOAD/tls/jupyter.key" /etc/factory/tls/jupyter.key
-    touch /etc/factory/tls/client-supplied
+    install -m 644 "$FACTORY_PAYLOAD/tls/jupyter.crt" "$FACTORY_TLS_CERTIFICATE"
+    install -m 600 "$FACTORY_PAYLOAD/tls/jupyter.key" "$FACTORY_TLS_KEY"
+    touch "$FACTORY_TLS_CLIENT_SUPPLIED"
 fi
 systemctl enable nginx.service

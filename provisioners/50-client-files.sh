@@ -5,7 +5,7 @@ set -euo pipefail
 . "$FACTORY_PAYLOAD/settings.sh"
 echo "factory-step: client files"
 
-samples=/srv/jupyter/notebooks/samples
+samples=$FACTORY_SAMPLES_DIR
 install -d -m 750 -o jupyter -g jupyter "$samples"
 for notebook in "$FACTORY_PAYLOAD"/notebooks/*.ipynb; do
     [ -e "$notebook" ] || continue

@@ -16,13 +16,13 @@ for unit in jupyter.service nginx.service apt-daily.timer apt-daily-upgrade.time
     fi
 done
 
-rm -f /etc/factory/jupyter.env
-if [ ! -e /etc/factory/tls/client-supplied ]; then
-    rm -f /etc/factory/tls/jupyter.key /etc/factory/tls/jupyter.crt
+rm -f "$FACTORY_JUPYTER_TOKEN_FILE"
+if [ ! -e "$FACTORY_TLS_CLIENT_SUPPLIED" ]; then
+    rm -f "$FACTORY_TLS_KEY" "$FACTORY_TLS_CERTIFICATE"
 fi
 admin_home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
 rm -f "$admin_home/jupyter-token"
-rm -rf /srv/jupyter/.local/share/jupyter/runtime
+rm -rf "$FACTORY_JUPYTER_HOME/.local/share/jupyter/runtime"
 rm -rf /var/cache/factory-rattler
 
 rm -f /etc/ssh/ssh_host_*

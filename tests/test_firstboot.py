@@ -18,7 +18,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from factory.render import PROVISIONERS_DIR
+from factory import image_layout
+from factory.escape import shell_assignments
+from factory.resources import PROVISIONERS_DIR
 
 ADMIN = getpass.getuser()
 
@@ -30,7 +32,14 @@ def image_root(tmp_path) -> Path:
     (root / "etc/factory").mkdir(parents=True)
     (root / "etc/ssh").mkdir()
     (root / "etc/factory/settings.sh").write_text(
-        f"FACTORY_NAME=acme_demo_v1\nADMIN_USER={ADMIN}\nJUPYTER_ENABLED=1\n"
+        shell_assignments(
+            {
+                "FACTORY_NAME": "acme_demo_v1",
+                "ADMIN_USER": ADMIN,
+                "JUPYTER_ENABLED": 1,
+                **image_layout.settings(),
+            }
+        )
     )
     home = Path(os.path.expanduser(f"~{ADMIN}"))
     (root / home.relative_to("/")).mkdir(parents=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.render import PROVISIONERS_DIR
+from factory import image_layout
+from factory.resources import PROVISIONERS_DIR
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
@@ -47,7 +48,7 @@ def jupyter_site(jupyter_port: int) -> str:
     )
     return subprocess.run(
         ["bash", "-c", "cat " + heredoc.group(1)],
-        env={**os.environ, "JUPYTER_PORT": str(jupyter_port)},
+        env={**os.environ, **image_layout.settings(), "JUPYTER_PORT": str(jupyter_port)},
         capture_output=True,
         text=True,
         check=True,

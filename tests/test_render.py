@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from factory.escape import cloud_config, hcl_string, shell_assignments
 from factory.keys import ephemeral_keypair
 from factory.profile import load_profile
-from factory.render import PROVISIONERS_DIR, BuildInputs, render_build_dir
+from factory.render import BuildInputs, render_build_dir
+from factory.resources import PROVISIONERS_DIR
 from tests.conftest import DEMO_PROFILE, REPO, run_factory
 
 HCL_OPTIONS = SerializationOptions(strip_string_quotes=True)
@@ -138,7 +139,7 @@ def test_cli_render_into_a_folder_and_never_into_a_delivery(tmp_path):
 
 
 def test_cli_render_refuses_while_a_build_of_the_profile_holds_the_lock(tmp_path):
-    from factory.build import build_lock
+    from factory.delivery import build_lock
 
     with build_lock(tmp_path, "demo_hello_v1"):
         result = run_factory("render", str(DEMO_PROFILE), "--outputs", str(tmp_path))
@@ -314,7 +315,7 @@ def test_prometheus_config_scrapes_node_and_jupyter(tmp_path):
 def test_gpu_profiles_render_with_the_driver_stage(base, tmp_path):
     """The GPU stage is rendered for Debian (driver in the base layer, checked per kernel)
     and for an Ubuntu cloud image (precompiled modules or DKMS), and packer validates both."""
-    from factory.build import gpu_base_packages
+    from factory.pipeline import gpu_base_packages
 
     path = tmp_path / "gpu.yaml"
     text = f"extends: {REPO / 'profiles' / 'demo-gpu.yaml'}\n"
@@ -372,7 +373,7 @@ def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_p
     """A profile may supply the client's own certificate: it goes into the payload (key mode
     0600), the delivered profile does not name it, and the delivery's copy of the build folder
     leaves the tls folder out."""
-    from factory.build import UNDELIVERED_PAYLOAD_DIRS, write_delivered_profile
+    from factory.delivery import UNDELIVERED_PAYLOAD_DIRS, Delivery, write_delivered_profile
 
     path = client_tls_profile(tmp_path)
     build = render_demo(tmp_path, path)
@@ -380,11 +381,12 @@ def test_client_certificate_ships_in_the_payload_but_never_in_the_delivery(tmp_p
     assert key.read_bytes() == (tmp_path / "client.key").read_bytes()
     assert key.stat().st_mode & 0o777 == 0o600
     assert "tls" in UNDELIVERED_PAYLOAD_DIRS
-    delivery = tmp_path / "delivery"
-    delivery.mkdir()
-    written = write_delivered_profile(load_profile(path), delivery)
+    loaded = load_profile(path)
+    delivery = Delivery.of(tmp_path, loaded)
+    delivery.path.mkdir()
+    written = write_delivered_profile(loaded, delivery)
     assert "client.key" not in written.read_text()
-    assert (delivery / "notebooks" / "demo-credit-score.ipynb").is_file()
+    assert (delivery.path / "notebooks" / "demo-credit-score.ipynb").is_file()
     assert load_profile(written).profile.jupyter.tls is None
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from factory.render import PROVISIONERS_DIR
+from factory import image_layout
+from factory.escape import shell_assignments
+from factory.resources import PROVISIONERS_DIR
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -52,7 +54,11 @@ def make_image(root: Path, cloud_init_exit: int = 0) -> None:
     (root / "usr").mkdir()
     (root / "dev").mkdir()
     (root / "dev/null").touch()
-    (root / "etc/factory/settings.sh").write_text("ADMIN_USER=analyst\nBUILD_USER=factory-build\n")
+    (root / "etc/factory/settings.sh").write_text(
+        shell_assignments(
+            {"ADMIN_USER": "analyst", "BUILD_USER": "factory-build", **image_layout.settings()}
+        )
+    )
     (root / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     (root / "var/log/syslog").write_text("build output\n")
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)

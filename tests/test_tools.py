@@ -67,7 +67,11 @@ def test_templates_escape_markup_only():
     assert not env.autoescape("image.pkr.hcl.j2")
     assert not env.autoescape("box-Vagrantfile.j2")
     text = templates.render_template(
-        "image.pkr.hcl.j2", guest_network=False, modern_packer=True, scripts=["a<b.sh"]
+        "image.pkr.hcl.j2",
+        payload_dir="/tmp/p",
+        guest_network=False,
+        modern_packer=True,
+        scripts=["a<b.sh"],
     )
     assert 'script           = "a<b.sh"' in text and text.endswith("}\n")
 
