@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TypeVar
 
 from factory.cache import cache_subdir, sha256_file
 from factory.errors import FactoryError
@@ -25,6 +26,7 @@ ATTEMPTS = 4  # the first try and three retries
 BACKOFF_SECONDS = 1.0  # doubled after every failed attempt
 TIMEOUT_SECONDS = 60
 _CHUNK = 1 << 20
+T = TypeVar("T")
 # Errors of the local disk, never of the network: retrying cannot help.
 LOCAL_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -68,22 +70,15 @@ def _reason(error: BaseException) -> str:
     return str(getattr(error, "reason", None) or error)
 
 
-def stream_to(url: str, dest: Path, what: str) -> str:
-    """Copy `url` into `dest` with the retry policy; return the sha256 of what arrived."""
+def _with_retries(url: str, what: str, consume: Callable[[IO[bytes]], T], dest: Path | None) -> T:
+    """Open `url` and hand the response to `consume`, under the one retry policy."""
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            digest = hashlib.sha256()
             request = urllib.request.Request(url, headers={"User-Agent": "factory"})
-            with (
-                urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response,
-                open(dest, "wb") as out,
-            ):
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-            return digest.hexdigest()
+            with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
+                return consume(response)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-            local = local_write_error(error, dest)
+            local = local_write_error(error, dest) if dest is not None else None
             if local is not None:
                 raise local from None
             # A local file will not appear by waiting.
@@ -93,6 +88,26 @@ def stream_to(url: str, dest: Path, what: str) -> str:
                 raise Unreachable(what, url, _reason(error) + tries) from None
         time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def stream_to(url: str, dest: Path, what: str) -> str:
+    """Copy `url` into `dest` with the retry policy; return the sha256 of what arrived."""
+
+    def copy(response: IO[bytes]) -> str:
+        digest = hashlib.sha256()
+        with open(dest, "wb") as out:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        return digest.hexdigest()
+
+    return _with_retries(url, what, copy, dest)
+
+
+def fetch_bytes(url: str, *, what: str) -> bytes:
+    """A small file (an index, a release file) read into memory, under the same retry policy;
+    raises Unreachable."""
+    return _with_retries(url, what, lambda response: response.read(), None)
 
 
 def fetch_verified(

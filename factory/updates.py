@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gzip
 import lzma
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from debian import deb822
 from debian.debian_support import version_compare
 
+from factory.download import Unreachable, fetch_bytes
 from factory.errors import FactoryError
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -50,12 +50,11 @@ def index_state(mirror: str, suite: str, components: list[str]) -> dict:
     its InRelease: it changes whenever a security update is published."""
     url = f"{security_archive(mirror)}/dists/{suite}-security/InRelease"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            release = deb822.Release(response.read())
-    except OSError as error:
+        release = deb822.Release(fetch_bytes(url, what="the security index"))
+    except Unreachable as error:
         raise FactoryError(
-            f"cannot read the security index {url}: {error}; the image must be built against "
-            "Debian's security suite: check the network, or mirror it beside base.mirror"
+            f"cannot read the security index {url}: {error.reason}; the image must be built "
+            "against Debian's security suite: check the network, or mirror it beside base.mirror"
         ) from None
     wanted = _packages_indexes(components)
     digests = {e["name"]: e["sha256"] for e in release.get("SHA256", []) if e["name"] in wanted}

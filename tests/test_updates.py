@@ -4,7 +4,7 @@ import urllib.request
 
 import pytest
 
-from factory import updates
+from factory import download, updates
 from factory.errors import FactoryError
 
 SUITE = "bookworm"
@@ -47,7 +47,8 @@ def test_index_state_changes_with_the_security_index():
     assert len(state["indexes"]["main/binary-amd64/Packages.xz"]) == 64
 
 
-def test_unreachable_security_index_is_one_line():
+def test_unreachable_security_index_is_one_line(monkeypatch):
+    monkeypatch.setattr(download, "BACKOFF_SECONDS", 0.0)
     with pytest.raises(FactoryError) as error:
         updates.index_state("http://127.0.0.1:9/debian", SUITE, COMPONENTS)
     assert "http://127.0.0.1:9/debian-security/dists/bookworm-security/InRelease" in str(
