@@ -81,3 +81,27 @@ def test_a_client_chain_without_its_root_verifies_against_the_leaf_name(tmp_path
 def test_the_first_boot_certificate_keeps_the_hostname():
     key, cert = _issue("demo-hello-v1", None, None, ca=False, dns=["demo-hello-v1", "localhost"])
     assert certificate_name(_pem(cert), "demo-hello-v1") == "demo-hello-v1"
+
+
+def test_a_websocket_upgrade_answer_returns_without_waiting_for_frames():
+    """nginx answers 101 and keeps the connection open for frames; the request returns at
+    once with the status instead of reading a body that never ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        done.wait(30)  # the connection stays open, as a websocket's does
+        conn.close()
+        listener.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        upgrade = http_request(
+            listener.getsockname(), "/api/events/subscribe", {"Upgrade": "websocket"}, timeout=10
+        )
+    finally:
+        done.set()
+    assert (upgrade.status, upgrade.headers["upgrade"], upgrade.body) == (101, "websocket", "")

@@ -4,7 +4,10 @@ the whole command, its children included."""
 import os
 import time
 
-from factory.validate.target import LocalTarget
+import paramiko
+import pytest
+
+from factory.validate.target import LocalTarget, ScriptedTarget, SSHTarget
 
 
 def test_large_stderr_and_stdin_do_not_stall():
@@ -26,3 +29,19 @@ def test_timeout_stops_the_children_too(tmp_path):
             return
         time.sleep(0.2)
     raise AssertionError(f"the command's child {child} outlived the timeout")
+
+
+def test_a_scripted_target_answers_only_what_was_recorded():
+    recorded = {"commands": {"hostname": {"stdout": "validate\n", "stderr": "", "exit_code": 0}}}
+    target = ScriptedTarget(recorded)
+    assert target.run("hostname").stdout == "validate\n"
+    with pytest.raises(KeyError, match="uname -r"):
+        target.run("uname -r")
+    assert target.ran == ["hostname", "uname -r"]
+
+
+def test_an_ssh_target_reaches_a_vm_port_through_its_forward():
+    target = SSHTarget(paramiko.SSHClient(), "u", "u@vm", host="127.0.0.1", forwards={443: 40443})
+    assert target.address(443) == ("127.0.0.1", 40443)
+    live = SSHTarget(paramiko.SSHClient(), "u", "u@host", host="10.0.0.5")
+    assert live.address(443) == ("10.0.0.5", 443)

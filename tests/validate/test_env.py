@@ -4,6 +4,7 @@ lock check hands back what it read."""
 import json
 
 from factory.validate.env import check_environment, check_matches_lock
+from factory.validate.run import _write_exports
 from tests.validate.conftest import command_with, failed, statuses
 
 DEMO_PROBE = "/opt/conda/envs/demo/bin/python -c '\nimport importlib, importlib.metadata"
@@ -60,3 +61,12 @@ def test_a_package_at_another_version_than_locked_fails(ctx, target):
     target.answer(command, stdout=json.dumps(data) + "\n")
     (result,) = check_matches_lock(ctx, next(k for k in ctx.locks if k["name"] == "demo"))
     assert result.status == "failed" and "tabulate 0.9.0 (lock 0.10.0)" in result.detail
+
+
+def test_the_run_saves_the_exports_the_lock_results_carry(ctx, tmp_path):
+    results = [r for lock in ctx.locks for r in check_matches_lock(ctx, lock)]
+    _write_exports(results, tmp_path)
+    saved = json.loads((tmp_path / "envs" / "demo.installed.json").read_text())
+    assert saved == next(r.data["installed"] for r in results if r.name.startswith("demo:"))
+    freeze = (tmp_path / "envs" / "demo.pip-freeze.txt").read_text()
+    assert "tabulate==0.10.0\n" in freeze
