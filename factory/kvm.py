@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 from factory import cache
 from factory.cache import cache_subdir, inputs_key
 from factory.errors import ToolError
-from factory.processes import die_with_parent
+from factory.files import replace_path, write_text_atomically
+from factory.processes import die_with_parent, stop
 from factory.tools import qemu_version, require, which
 
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -91,7 +93,7 @@ def _extract_vmlinuz(deb: Path) -> Path:
         if tar.returncode != 0 or not extracted:
             raise ToolError(f"no /boot/vmlinuz-* in {deb.name}: {tar.stderr.strip()}")
         target = kernels / extracted[-1].name
-        os.replace(extracted[-1], target)
+        replace_path(extracted[-1], target)
         return target
 
 
@@ -196,9 +198,8 @@ def _boot(kernel: Path, accel: str, timeout: float) -> dict:
                     timed_out = True
                     exit_code = None
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+                # Nothing to clean up in a probe: QEMU goes at once.
+                stop(proc, first=signal.SIGKILL, grace=5)
             seconds = round(time.monotonic() - start, 2)
             stderr.seek(0)
             stderr_text = stderr.read().decode(errors="replace")
@@ -272,9 +273,7 @@ def kvm_probe(refresh: bool = False, timeout: float = 30.0, *, _accel: str = "kv
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         cache_file=str(cached),
     )
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(evidence, indent=2) + "\n")
-    os.replace(tmp, cached)
+    write_text_atomically(cached, json.dumps(evidence, indent=2) + "\n")
     evidence["cached"] = False
     return evidence
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import tempfile
 import time
 import urllib.parse
@@ -18,7 +17,7 @@ from factory.base import recipe
 from factory.base.mounts import remove_unless_mounted
 from factory.cache import inputs_key, sha256_file
 from factory.errors import FactoryError
-from factory.files import file_lock
+from factory.files import file_lock, replace_path
 from factory.processes import LoggedRunner, signals_as_exceptions
 from factory.tools import require_root_and_tools
 
@@ -130,8 +129,8 @@ def _build_into_cache(workdir: Path, name: str, release: str, inputs: dict, log:
         tmp_sidecar = workdir / "sidecar.json"
         tmp_sidecar.write_text(json.dumps(meta, indent=2) + "\n")
         # qcow2 first, sidecar last: an entry without a sidecar is never reused.
-        os.replace(built, image)
-        os.replace(tmp_sidecar, sidecar)
+        replace_path(built, image)
+        replace_path(tmp_sidecar, sidecar)
     log(f"{release}: built {image} in {seconds:.0f} s ({meta['size'] >> 20} MiB)")
     return image
 
