@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import host, seed
+from factory import kvm, seed
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config
 from factory.keys import KeyPair, ephemeral_keypair
@@ -121,7 +121,7 @@ def boot_delivery(
             )
             if restrict_network:
                 netdev += ",restrict=on"
-            command = ["qemu-system-x86_64", *host.qemu_accel_args(accelerator, cpu_model)]
+            command = ["qemu-system-x86_64", *kvm.qemu_accel_args(accelerator, cpu_model)]
             command += ["-m", str(memory_mib), "-smp", str(cpus)]
             command += ["-display", "none", "-serial", f"file:{console}"]
             command += ["-drive", f"file={overlay},if=virtio,format=qcow2"]

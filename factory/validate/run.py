@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import host
+from factory import host, kvm
 from factory.cpu import validation_cpu
 from factory.errors import FactoryError
 from factory.profile import ENV_NAME, LoadedProfile, load_profile
@@ -57,7 +57,7 @@ def validate_delivery(
     delivery = delivery.resolve()
     loaded = load_profile(profile_path or delivery / "profile.yaml")
     ova = _find_ova(delivery)
-    accel = host.choose_accelerator(accelerator)
+    accel = kvm.choose_accelerator(accelerator)
     probe_port = unlisted_port(loaded)
     with tempfile.TemporaryDirectory(prefix="factory-ova-") as scratch:
         log(f"extracting the disk from {ova.name}")
