@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -37,12 +37,14 @@ def editor_schema() -> dict:
 
 
 def schema_text() -> str:
+    """docs/profile.schema.json as written (what `factory schema` can print)."""
     return json.dumps(editor_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
 def reference_markdown() -> str:
     """docs/profile.md: a table of keys per section of the profile, then the presets."""
-    definitions = Profile.model_json_schema()["$defs"]
+    top = Profile.model_json_schema()
+    definitions = top["$defs"]
     lines = [
         "# Profile reference",
         "",
@@ -58,7 +60,7 @@ def reference_markdown() -> str:
     paths = {model.__name__: path for path, model in sections}
     for path, model in sections:
         name = model.__name__
-        schema = Profile.model_json_schema() if model is Profile else definitions[name]
+        schema = top if model is Profile else definitions[name]
         heading = "Top level" if model is Profile else f"`{path}`"
         lines += ["", f"## {heading}", ""]
         if model is not Profile:
@@ -86,6 +88,7 @@ def generated_files() -> dict[str, str]:
 
 
 def write_docs(folder: Path) -> list[Path]:
+    """Write both generated files into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in generated_files().items():
@@ -114,7 +117,7 @@ def _models_in(annotation: Any, suffix: str = "") -> list[tuple[type[BaseModel],
     """The models an annotation holds, each with '[]' per list it sits in."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [(annotation, suffix)]
-    listed = getattr(annotation, "__origin__", None) is list
+    listed = get_origin(annotation) is list
     return [
         found
         for arg in get_args(annotation)
