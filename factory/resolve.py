@@ -24,6 +24,7 @@ from factory import cache, cpu, gpu
 from factory.cache import cache_subdir, inputs_key
 from factory.download import fetch_locked
 from factory.errors import FactoryError
+from factory.files import write_text_atomically
 from factory.profile import Environment, LoadedProfile, package_name, spec_channel
 
 TARGET_PLATFORMS = ["linux-64", "noarch"]
@@ -285,18 +286,36 @@ def lock_dir_for(loaded: LoadedProfile) -> Path:
     return loaded.path.parent / f"{loaded.path.stem}.lock"
 
 
-def lock_environment(loaded: LoadedProfile, env: Environment, force: bool = False) -> EnvLock:
-    """Return the lock of one environment, solving only when its inputs changed."""
+def current_lock(loaded: LoadedProfile, env: Environment) -> EnvLock | None:
+    """The environment's lock when it exists and matches the profile's inputs, else None."""
+    lock_json = lock_dir_for(loaded) / f"{env.name}.lock.json"
+    try:
+        existing = EnvLock.from_json(json.loads(lock_json.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or unreadable
+    return existing if existing.inputs_hash == environment_inputs(loaded, env) else None
+
+
+def stale_locks(loaded: LoadedProfile) -> list[str]:
+    """The environments whose lock is missing or no longer matches the profile."""
+    return [env.name for env in image_environments(loaded) if current_lock(loaded, env) is None]
+
+
+def lock_environment(
+    loaded: LoadedProfile, env: Environment, force: bool = False, locked: bool = False
+) -> EnvLock:
+    """Return the lock of one environment, solving only when its inputs changed. With
+    locked=True a missing or stale lock is refused instead of solved again."""
     lock_dir = lock_dir_for(loaded)
-    lock_json = lock_dir / f"{env.name}.lock.json"
+    existing = None if force else current_lock(loaded, env)
+    if existing is not None:
+        return existing
+    if locked:
+        raise FactoryError(
+            f"{lock_dir}: the lock of '{env.name}' is missing or no longer matches "
+            f"{loaded.path.name}; run `factory lock {loaded.path}`"
+        )
     inputs = environment_inputs(loaded, env)
-    if lock_json.exists() and not force:
-        try:
-            existing = EnvLock.from_json(json.loads(lock_json.read_text()))
-            if existing.inputs_hash == inputs:
-                return existing
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable lock: solve again
     lock = EnvLock(
         name=env.name,
         python=env.python,
@@ -305,9 +324,12 @@ def lock_environment(loaded: LoadedProfile, env: Environment, force: bool = Fals
         pip=solve_pip(env.name, env.python, env.pip),
     )
     lock_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(lock_dir / f"{env.name}.explicit.txt", lock.explicit_text())
-    _write_atomic(lock_dir / f"{env.name}.pip.txt", lock.pip_text())
-    _write_atomic(lock_json, json.dumps(lock.to_json(), indent=2, sort_keys=True) + "\n")
+    write_text_atomically(lock_dir / f"{env.name}.explicit.txt", lock.explicit_text())
+    write_text_atomically(lock_dir / f"{env.name}.pip.txt", lock.pip_text())
+    write_text_atomically(
+        lock_dir / f"{env.name}.lock.json",
+        json.dumps(lock.to_json(), indent=2, sort_keys=True) + "\n",
+    )
     return lock
 
 
@@ -341,12 +363,15 @@ def image_environments(loaded: LoadedProfile) -> list[Environment]:
     return envs
 
 
-def lock_profile(loaded: LoadedProfile, force: bool = False, log=print) -> dict[str, EnvLock]:
-    """Lock every environment of the profile (and the Jupyter one when enabled)."""
+def lock_profile(
+    loaded: LoadedProfile, force: bool = False, log=print, locked: bool = False
+) -> dict[str, EnvLock]:
+    """Lock every environment of the profile (and the Jupyter one when enabled). With
+    locked=True the committed locks are used as they are, and a stale one is refused."""
     locks = {}
     for env in image_environments(loaded):
         log(f"locking environment '{env.name}'")
-        locks[env.name] = lock_environment(loaded, env, force=force)
+        locks[env.name] = lock_environment(loaded, env, force=force, locked=locked)
     check_cuda_builds(loaded, locks)
     cpu.check_locked_baselines(loaded.profile.cpu_baseline, locks, fetch_wheel)
     return locks
@@ -374,9 +399,3 @@ def check_cuda_builds(loaded: LoadedProfile, locks: dict[str, EnvLock]) -> None:
                 f"gpu.cuda is {target.cuda}; pin a release built for {target.cuda} or set "
                 f"gpu.cuda: '{built_for}'"
             )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from factory.errors import FactoryError
 from factory.profile import load_profile
-from factory.resolve import ConflictError, lock_dir_for, lock_profile, solve_pip
+from factory.resolve import ConflictError, lock_dir_for, lock_profile, solve_pip, stale_locks
 from tests.conftest import DEMO_PROFILE, run_factory
 
 KEY = DEMO_PROFILE.read_text().split("- ssh-ed25519 ", 1)[1].split("\n", 1)[0]
@@ -44,6 +45,23 @@ def test_lock_writes_explicit_and_pip_locks(tmp_path, test_channel):
     explicit = (folder / "model.explicit.txt").read_text()
     assert "@EXPLICIT" in explicit and "/python-3.11.2-" in explicit
     assert "--hash=sha256:" in (folder / "model.pip.txt").read_text()
+
+
+def test_locked_refuses_a_stale_lock_and_stale_locks_names_it(tmp_path, test_channel):
+    path = profile_with(tmp_path, test_channel, "[six]")
+    loaded = load_profile(path)
+    assert stale_locks(loaded) == ["model"]  # no lock yet
+    with pytest.raises(FactoryError, match=r"the lock of 'model' is missing or no longer"):
+        lock_profile(loaded, log=lambda _: None, locked=True)
+    assert not lock_dir_for(loaded).exists()
+    lock_profile(loaded, log=lambda _: None)
+    assert stale_locks(loaded) == []
+    assert lock_profile(loaded, log=lambda _: None, locked=True)["model"].name == "model"
+    path.write_text(path.read_text().replace("conda: [six]", "conda: [six, tabulate]"))
+    changed = load_profile(path)
+    assert stale_locks(changed) == ["model"]
+    with pytest.raises(FactoryError, match=r"run `factory lock "):
+        lock_profile(changed, log=lambda _: None, locked=True)
 
 
 def test_second_lock_is_identical_and_does_not_solve(tmp_path, test_channel):
