@@ -33,9 +33,9 @@ from factory.export import (
     qemu_img_info,
     render_ovf,
     run_tool,
-    staging_dir,
-    write_text_atomically,
+    virtual_hardware,
 )
+from factory.files import staging_dir, write_text_atomically
 
 # format name (as given to --format) -> Vagrant provider name
 BOX_FORMATS = {"vagrant-libvirt": "libvirt", "vagrant-virtualbox": "virtualbox"}
@@ -288,8 +288,6 @@ def export_boxes(
 
 def box_spec(loaded: LoadedProfile) -> BoxSpec:
     """The tester box of a profile: named <client>/<project>, versioned like the delivery."""
-    from factory.build import virtual_hardware
-
     profile = loaded.profile
     return BoxSpec(
         box_name=f"{profile.client}/{profile.project}",
@@ -297,31 +295,3 @@ def box_spec(loaded: LoadedProfile) -> BoxSpec:
         hardware=virtual_hardware(loaded),
         jupyter_port=profile.jupyter.port if profile.jupyter.enabled else None,
     )
-
-
-def export_delivery_boxes(
-    delivery: Path,
-    formats: list[str],
-    box_root: Path | None = None,
-    base_url: str | None = None,
-    log: Callable = print,
-) -> list[Path]:
-    """Write a delivery's boxes into <box_root>/<client>_<project>/ (box_root defaults to
-    the outputs folder's boxes/) and list them in that folder's catalog."""
-    from factory.build import build_lock
-    from factory.profile import load_profile
-
-    check_box_url(base_url)
-    delivery = Path(delivery).resolve()
-    if not (delivery / "profile.yaml").is_file():
-        raise FactoryError(f"{delivery} is not a delivery folder (no profile.yaml); build it first")
-    loaded = load_profile(delivery / "profile.yaml")
-    qcow2 = delivery / f"{loaded.name}.qcow2"
-    if not qcow2.is_file():
-        raise FactoryError(f"{delivery}: no {qcow2.name}; run `factory build` first")
-    spec = box_spec(loaded)
-    box_dir = (Path(box_root) if box_root else delivery.parent / "boxes") / spec.slug
-    with build_lock(delivery.parent, loaded.name):
-        return export_boxes(
-            qcow2, spec, formats, box_dir, base_url, loaded.profile.description, log=log
-        )

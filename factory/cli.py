@@ -1,6 +1,6 @@
-"""The `factory` command line: a thin layer over the pipeline stages.
+"""The `factory` command line: a thin layer over the pipeline (pipeline.py).
 
-profile -> resolve (lock) -> render -> build -> export -> validate
+`factory --help` lists the pipeline's commands in the order they run, then the tools.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import stat
 import sys
 import time
 import traceback
@@ -18,87 +17,29 @@ import click
 
 from factory import __version__
 from factory.cache import set_cache_dir
+from factory.cli_options import (
+    EXPORT_FORMATS,
+    PipelineGroup,
+    box_url_option,
+    format_option,
+    outputs_option,
+    ova_digest_option,
+)
 from factory.errors import FactoryError
+from factory.processes import Terminated, signals_as_exceptions
 
-DEFAULT_OUTPUTS = Path("outputs")
 _debug = False
-
-outputs_option = click.option(
-    "--outputs",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_OUTPUTS,
-    envvar="FACTORY_OUTPUTS",
-    show_default=True,
-    help="Folder that receives the deliveries.",
-)
-
-
-EXPORT_FORMATS = ("ova", "vagrant-libvirt", "vagrant-virtualbox")
-ova_digest_option = click.option(
-    "--ova-digest",
-    type=click.Choice(["sha1", "sha256"]),
-    default="sha1",
-    show_default=True,
-    help="OVA flavour: sha1 = OVF 1.0 with a SHA1 manifest (every importer reads it); "
-    "sha256 = OVF 2.0 with a SHA256 manifest (not read by Proxmox or older vSphere).",
-)
-box_url_option = click.option(
-    "--box-url",
-    help="URL the box folder will be published at, written into the box catalog "
-    "(default: the folder's file:// URL).",
-)
-
-
-def format_option(default: str):
-    return click.option(
-        "--format",
-        "formats",
-        default=default,
-        show_default=True,
-        help="Comma-separated artifacts: " + ", ".join(EXPORT_FORMATS) + ".",
-    )
-
-
-class Terminated(BaseException):
-    """SIGTERM, SIGHUP or SIGQUIT, handled like Ctrl-C so every stage cleans up."""
-
-
-# `kill`, a closed terminal or dropped SSH session, and Ctrl-\: each stops factory cleanly.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
-
-def _on_stop_signal(signum: int, frame: object) -> None:
-    if signum == signal.SIGHUP:
-        _leave_hung_up_terminal()
-    raise Terminated()
-
-
-def _leave_hung_up_terminal() -> None:
-    """After a hang-up every write to the terminal fails (EIO), which would cut the cleanup
-    short: send stdout and stderr to /dev/null when they are a terminal."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                if stat.S_ISCHR(os.fstat(fd).st_mode):
-                    os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
-def install_signal_handlers() -> None:
-    """Every stop signal raises an exception, so every stage's cleanup runs."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _on_stop_signal)
-    # Also when started in the background, where SIGINT arrives ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=PipelineGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="profile -> lock -> bundle -> base -> render -> packer build -> export -> validate",
+)
 @click.version_option(__version__, prog_name="factory")
 @click.option(
     "--cache-dir",
@@ -147,12 +88,10 @@ def doctor(refresh: bool) -> None:
 
 @cli.command()
 def schema() -> None:
-    """Print the profile's JSON schema (for editors and docs)."""
-    import json
+    """Print the profile's JSON schema (for editors; docs/profile.schema.json)."""
+    from factory.profile.docs import schema_text
 
-    from factory.profile import Profile
-
-    click.echo(json.dumps(Profile.model_json_schema(), indent=2))
+    click.echo(schema_text(), nl=False)
 
 
 @cli.group()
@@ -175,14 +114,28 @@ def base_build(release: str, rebuild: bool) -> None:
 @cli.command()
 @click.argument("profile", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Solve even when the inputs did not change.")
-def lock(profile: Path, force: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Solve nothing: exit 1 when a lock is missing or no longer matches the profile.",
+)
+def lock(profile: Path, force: bool, check: bool) -> None:
     """Solve every environment on the host and write lock files next to the profile."""
     from factory.profile import load_profile
     from factory.progress import plain_log
-    from factory.resolve import lock_dir_for, lock_profile
+    from factory.resolve import lock_dir_for, lock_profile, stale_locks
 
     loaded = load_profile(profile)
     started = time.monotonic()
+    if check:
+        stale = stale_locks(loaded)
+        if stale:
+            raise FactoryError(
+                f"{lock_dir_for(loaded)}: the lock of {', '.join(stale)} no longer matches "
+                f"{loaded.path.name}; run `factory lock {profile}`"
+            )
+        click.echo(f"locks in {lock_dir_for(loaded)} match {loaded.path.name}")
+        return
     locks = lock_profile(loaded, force=force, log=plain_log)
     for lock_ in locks.values():
         click.echo(f"{lock_.name}: {len(lock_.conda)} conda + {len(lock_.pip)} pip packages")
@@ -195,10 +148,8 @@ def lock(profile: Path, force: bool) -> None:
 def bundle(profile: Path, outputs: Path) -> None:
     """Lock, then download every locked package into outputs/bundles/<name>: an indexed
     private conda channel, a pip wheelhouse and SHA256SUMS, for air-gapped builds."""
-    import shutil
-    import tempfile
-
     from factory.bundle import build_payload
+    from factory.files import replace_path, staging_dir
     from factory.profile import load_profile
     from factory.progress import plain_log
     from factory.resolve import lock_profile
@@ -207,15 +158,9 @@ def bundle(profile: Path, outputs: Path) -> None:
     started = time.monotonic()
     locks = lock_profile(loaded, log=plain_log)
     target = outputs / "bundles" / loaded.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".bundle-{loaded.name}-", dir=target.parent))
-    try:
+    with staging_dir(target.parent) as scratch:
         build_payload(locks, scratch / "bundle", log=plain_log)
-        if target.exists():
-            shutil.rmtree(target)
-        (scratch / "bundle").rename(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        replace_path(scratch / "bundle", target)
     files = sum(1 for p in target.rglob("*") if p.is_file())
     click.echo(f"bundle in {target}: {files} files ({time.monotonic() - started:.0f} s)")
 
@@ -231,7 +176,7 @@ def bundle(profile: Path, outputs: Path) -> None:
 def render(profile: Path, outputs: Path, into: Path | None) -> None:
     """Render the Packer build folder to outputs/renders/<name> and validate it. The
     client's TLS files are left out; a delivery is never touched."""
-    from factory.build import render_for_review
+    from factory.pipeline import render_for_review
     from factory.profile import load_profile
 
     target = render_for_review(load_profile(profile), outputs, into)
@@ -250,6 +195,12 @@ def render(profile: Path, outputs: Path, into: Path | None) -> None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing delivery of this version.")
 @click.option(
+    "--locked",
+    is_flag=True,
+    help="Refuse to build when a lock is missing or stale instead of solving again (for CI "
+    "and committed locks).",
+)
+@click.option(
     "--time-limit",
     type=click.FloatRange(min=1),
     envvar="FACTORY_BUILD_TIME_LIMIT",
@@ -264,16 +215,19 @@ def build(
     outputs: Path,
     accelerator: str,
     force: bool,
+    locked: bool,
     time_limit: float | None,
     ova_digest: str,
     formats: str,
     box_url: str | None,
 ) -> None:
     """Pre-flight, lock, render, packer build and export one profile."""
-    from factory.boxes import BOX_FORMATS, check_box_url, export_delivery_boxes, parse_formats
-    from factory.build import PACKER_TIME_LIMIT_MINUTES, BuildOptions, build_image
+    from factory.boxes import BOX_FORMATS, check_box_url, parse_formats
+    from factory.build import PACKER_TIME_LIMIT_MINUTES
+    from factory.delivery import reexport
+    from factory.pipeline import BuildOptions, build_image
     from factory.profile import load_profile
-    from factory.progress import plain_log
+    from factory.progress import Progress
 
     # The OVA and the qcow2 are always written; --format adds the Vagrant boxes.
     boxes = [f for f in parse_formats(formats, EXPORT_FORMATS) if f in BOX_FORMATS]
@@ -284,12 +238,14 @@ def build(
         outputs=outputs,
         accelerator=accelerator,
         force=force,
+        locked=locked,
         ova_digest=ova_digest,
         time_limit_minutes=time_limit or PACKER_TIME_LIMIT_MINUTES,
     )
     final = build_image(loaded, options)
     if boxes:
-        export_delivery_boxes(final, boxes, base_url=box_url, log=plain_log)
+        with Progress() as progress:
+            reexport(final, ova_digest=None, box_formats=boxes, box_url=box_url, progress=progress)
     click.echo(f"built {loaded.name} in {time.monotonic() - started:.0f} s: {final}")
 
 
@@ -309,20 +265,20 @@ def export_command(
     delivery: Path, formats: str, ova_digest: str, box_root: Path | None, box_url: str | None
 ) -> None:
     """Write a delivery's OVA or Vagrant boxes (again) from its qcow2."""
-    from factory.boxes import BOX_FORMATS, check_box_url, export_delivery_boxes, parse_formats
-    from factory.build import reexport_ova
+    from factory.boxes import BOX_FORMATS, parse_formats
+    from factory.delivery import reexport
     from factory.progress import Progress
 
     chosen = parse_formats(formats, EXPORT_FORMATS)
-    check_box_url(box_url)
-    boxes = [f for f in chosen if f in BOX_FORMATS]
     with Progress() as progress:
-        written = []
-        if "ova" in chosen:
-            written.append(reexport_ova(delivery, ova_digest, progress))
-        if boxes:
-            progress.set_stage("boxes")
-            written += export_delivery_boxes(delivery, boxes, box_root, box_url, progress.log)
+        written = reexport(
+            delivery,
+            ova_digest=ova_digest if "ova" in chosen else None,
+            box_formats=[f for f in chosen if f in BOX_FORMATS],
+            box_root=box_root,
+            box_url=box_url,
+            progress=progress,
+        )
     for path in written:
         click.echo(f"exported {path}")
 
@@ -430,9 +386,11 @@ def main() -> None:
 
 
 def _run() -> None:
-    install_signal_handlers()
+    # Also when started in the background, where SIGINT arrives ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        cli.main(standalone_mode=False)
+        with signals_as_exceptions():
+            cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         _err("interrupted; nothing was published")
         sys.exit(130)

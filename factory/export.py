@@ -1,9 +1,9 @@
 """The export stage: the qcow2 that Packer built in, delivery artifacts out.
 
-Artifacts: a compressed qcow2, an OVA (OVF descriptor, streamOptimized VMDK, manifest),
-a SHA256SUMS file and a manifest.json sidecar. Every artifact is written into a staging
-directory inside the output directory and moved into place only when it is complete, so an
-interrupted export never leaves a half-written file behind.
+Artifacts: a compressed qcow2 and an OVA (OVF descriptor, streamOptimized VMDK, manifest);
+the boxes are boxes.py and the delivery folder around them delivery.py. Every artifact is
+written into a staging directory inside the output directory and moved into place only when it
+is complete, so an interrupted export never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
 
 from factory import __version__
-from factory.cache import sha256_file
 from factory.errors import FactoryError, ToolError
+from factory.files import staging_dir
+from factory.profile import LoadedProfile
 
 NETWORK_NAME = "VM Network"
 
@@ -101,6 +98,18 @@ class VirtualHardware:
         return GUEST_OS_TYPES[self.os_type]
 
 
+def virtual_hardware(loaded: LoadedProfile) -> VirtualHardware:
+    """The virtual machine a profile's artifacts describe."""
+    resources = loaded.profile.resources
+    return VirtualHardware(
+        name=loaded.name,
+        cpus=resources.cpus,
+        memory_mib=resources.memory,
+        disk_gib=resources.disk,
+        description=loaded.profile.description,
+    )
+
+
 def check_artifact_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
         raise FactoryError(
@@ -163,32 +172,6 @@ def input_disk_format(disk: Path) -> str:
                 f"{disk} is damaged (qemu-img check found {corruptions} corruptions); rebuild it"
             )
     return fmt
-
-
-# --- staging --------------------------------------------------------------------------------
-
-
-@contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A scratch directory inside out_dir (same filesystem, so os.replace is atomic).
-
-    It is removed on the way out whatever happens, KeyboardInterrupt included; callers move
-    their finished artifacts out of it before leaving the block.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    with staging_dir(path.parent) as staging:
-        scratch = staging / path.name
-        scratch.write_text(text, encoding="utf-8")
-        os.replace(scratch, path)
-    return path
 
 
 # --- qcow2 ----------------------------------------------------------------------------------
@@ -361,96 +344,3 @@ def export_ova(
         pack_ustar(scratch_ova, staging, [ovf_name, vmdk_name, mf_name])
         os.replace(scratch_ova, target)
     return target
-
-
-# --- checksums and build manifest -----------------------------------------------------------
-
-
-def _name_in(out_dir: Path, artifact: Path) -> str:
-    """The artifact's path relative to out_dir; artifacts must live inside it."""
-    try:
-        relative = Path(artifact).resolve().relative_to(Path(out_dir).resolve())
-    except ValueError:
-        raise FactoryError(
-            f"artifact {artifact} is not inside the output directory {out_dir}"
-        ) from None
-    if not Path(artifact).is_file():
-        raise FactoryError(f"artifact {artifact} does not exist")
-    name = relative.as_posix()
-    if "\n" in name or "\\" in name:
-        raise FactoryError(
-            f"artifact name {name!r} cannot be written to a checksum file; rename it"
-        )
-    return name
-
-
-def write_checksums(out_dir: Path, artifacts: list[Path]) -> Path:
-    """Write out_dir/SHA256SUMS, verifiable with `sha256sum -c` from inside out_dir."""
-    out_dir = Path(out_dir)
-    lines = [f"{sha256_file(path)}  {_name_in(out_dir, path)}\n" for path in artifacts]
-    return write_text_atomically(out_dir / "SHA256SUMS", "".join(lines))
-
-
-def _git_state() -> dict | None:
-    """Revision and dirty flag of the checkout holding the factory package, or None."""
-    package_dir = str(Path(__file__).resolve().parent)
-
-    def git(*args: str) -> str | None:
-        try:
-            result = subprocess.run(
-                ["git", "-C", package_dir, *args], capture_output=True, text=True, check=False
-            )
-        except FileNotFoundError:
-            return None
-        return result.stdout if result.returncode == 0 else None
-
-    revision = git("rev-parse", "--verify", "HEAD")
-    status = git("status", "--porcelain")
-    if revision is None or status is None:
-        return None
-    return {"revision": revision.strip(), "dirty": bool(status.strip())}
-
-
-def _utc_iso(moment: datetime) -> str:
-    # A naive datetime is taken as local time, which is what datetime.now() returns.
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def write_build_manifest(
-    out_dir: Path,
-    *,
-    profile_sha256: str,
-    artifacts: list[Path],
-    tool_versions: dict[str, str],
-    started: datetime,
-    finished: datetime,
-    extra: dict | None = None,
-) -> Path:
-    """Write out_dir/manifest.json, the sidecar record of what was built, from what, and how."""
-    out_dir = Path(out_dir)
-    duration = (finished.astimezone(UTC) - started.astimezone(UTC)).total_seconds()
-    if duration < 0:
-        raise FactoryError(f"build finished ({finished}) before it started ({started})")
-    record = {
-        "factory_version": __version__,
-        "profile_sha256": profile_sha256,
-        "artifacts": [
-            {
-                "name": _name_in(out_dir, path),
-                "sha256": sha256_file(path),
-                "size": path.stat().st_size,
-            }
-            for path in map(Path, artifacts)
-        ],
-        "git": _git_state(),
-        "tool_versions": dict(tool_versions),
-        "build": {
-            "started": _utc_iso(started),
-            "finished": _utc_iso(finished),
-            "duration_s": round(duration, 3),
-        },
-        "extra": dict(extra or {}),
-    }
-    return write_text_atomically(
-        out_dir / "manifest.json", json.dumps(record, indent=2, sort_keys=False) + "\n"
-    )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.build import _packer_message, _step_of, build_lock, publish
+from factory.build import _packer_message, _step_of
+from factory.delivery import Delivery, build_lock, keep_private, publish
 from factory.errors import FactoryError
 from tests.conftest import DEMO_PROFILE, run_factory
 
@@ -53,7 +54,7 @@ def test_publish_replaces_only_after_success(tmp_path):
     staging = tmp_path / ".staging"
     (staging / "delivery").mkdir(parents=True)
     (staging / "delivery" / "new.txt").write_text("new")
-    publish(staging, final)
+    publish(Delivery(staging / "delivery", "demo_hello_v1"), Delivery(final, "demo_hello_v1"))
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".replaced")] == []
 
@@ -204,24 +205,19 @@ def test_build_vm_is_capped_to_the_host_and_keeps_the_delivered_hardware():
 
 
 def test_a_delivery_that_carries_a_client_key_is_private_to_its_owner(tmp_path):
-    from factory.build import keep_private, publish
-
-    staging = tmp_path / ".staging"
-    delivery = staging / "delivery"
-    delivery.mkdir(parents=True)
-    disks = [delivery / "x.ova", delivery / "x.qcow2"]
+    staged = Delivery(tmp_path / ".staging" / "delivery", "x")
+    staged.path.mkdir(parents=True)
+    disks = staged.artifacts
     for disk in disks:
         disk.write_bytes(b"disk")
-    keep_private(delivery, disks)
-    publish(staging, tmp_path / "x")
+    keep_private(staged)
+    publish(staged, Delivery(tmp_path / "x", "x"))
     published = tmp_path / "x"
     assert published.stat().st_mode & 0o777 == 0o700
     assert {(published / d.name).stat().st_mode & 0o777 for d in disks} == {0o600}
 
 
 def test_the_build_lock_never_follows_a_planted_link(tmp_path):
-    from factory.build import build_lock
-
     victim = tmp_path / "victim"
     victim.write_text("keep\n")
     (tmp_path / ".demo_hello_v1.lock").symlink_to(victim)

@@ -84,7 +84,8 @@ def test_unknown_level_is_one_line(tmp_path, test_channel):
 def test_cpu_check_runs_against_this_machine():
     """The validator's CPU check through the local target: this host has the default level,
     and, read as a VM held at v2, it fails exactly when the host has AVX2."""
-    from factory.validate.checks import CheckContext, run_all_checks
+    from factory.validate.context import CheckContext
+    from factory.validate.suites import run_all_checks
     from factory.validate.target import LocalTarget
 
     loaded = load_profile(DEMO_PROFILE)

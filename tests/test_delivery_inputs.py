@@ -6,7 +6,7 @@ import json
 import pytest
 
 from factory.errors import FactoryError
-from factory.validate import _delivery_locks, parse_host
+from factory.validate.run import _delivery_locks, parse_host
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "env; reboot", ""])

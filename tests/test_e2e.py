@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from factory import export, updates
-from factory.build import virtual_hardware
 from factory.cache import sha256_file
+from factory.export import virtual_hardware
 from factory.profile import load_profile
 from tests.conftest import DEMO_PROFILE, REPO, require_root, run_factory
 from tests.image_edit import mounted_root, raw_copy

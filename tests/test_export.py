@@ -24,14 +24,10 @@ from factory.boxes import (
     write_libvirt_box,
     write_virtualbox_box,
 )
+from factory.checksums import write_checksums
+from factory.delivery import write_build_manifest
 from factory.errors import FactoryError, ToolError
-from factory.export import (
-    VirtualHardware,
-    export_ova,
-    export_qcow2,
-    write_build_manifest,
-    write_checksums,
-)
+from factory.export import VirtualHardware, export_ova, export_qcow2
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None, reason="qemu-img is not installed (Debian: qemu-utils)"
@@ -364,6 +360,7 @@ def test_build_manifest_records_the_build(tmp_path):
         tool_versions={"packer": "1.6.6", "qemu-img": "7.2.22"},
         started=started,
         finished=started + timedelta(minutes=3, seconds=2.5),
+        stages=[{"name": "packer", "seconds": 120.5, "log": "build.log"}],
         extra={"client": "acme"},
     )
     assert path == tmp_path / "manifest.json"
@@ -379,6 +376,7 @@ def test_build_manifest_records_the_build(tmp_path):
         "finished": "2026-11-25T10:03:02Z",
         "duration_s": 182.5,
     }
+    assert record["stages"] == [{"name": "packer", "seconds": 120.5, "log": "build.log"}]
     assert record["extra"] == {"client": "acme"}
     git = record["git"]
     assert git is None or (

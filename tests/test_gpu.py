@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from factory import base
-from factory.build import gpu_base_packages
+from factory.pipeline import gpu_base_packages
 from factory.profile import load_profile
 from tests.conftest import REPO, require_root, run_factory
 from tests.image_edit import mounted_root, raw_copy

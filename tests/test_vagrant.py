@@ -26,7 +26,8 @@ import pytest
 
 from factory.cache import sha256_file
 from factory.profile import load_profile
-from factory.validate.checks import PASSED, CheckContext, check_environment
+from factory.validate.context import PASSED, CheckContext
+from factory.validate.env import check_environment
 from factory.validate.target import CommandResult
 from tests.conftest import REPO, run_factory
 

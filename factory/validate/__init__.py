@@ -5,8 +5,6 @@ suites.py orders them, run.py runs them and report.py writes the reports."""
 from factory.validate.run import (
     LOCAL_HOST,
     ValidationOutcome,
-    _delivery_locks,
-    parse_host,
     validate_delivery,
     validate_host,
 )
@@ -16,8 +14,6 @@ __all__ = [
     "LOCAL_HOST",
     "SUITES",
     "ValidationOutcome",
-    "_delivery_locks",
-    "parse_host",
     "validate_delivery",
     "validate_host",
 ]

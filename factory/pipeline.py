@@ -1,0 +1,281 @@
+"""The chain, in the order it runs:
+
+    lock -> installer -> base -> render -> bundle -> environments -> packer -> export -> publish
+
+Every stage runs through `Steps.step`, which names it on the progress line, times it and
+records it; manifest.json keeps the record (`stages`). All work happens in a private staging
+folder next to outputs/<name>/; the delivery appears, by a rename, only when everything
+succeeded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from factory import assemble, base, cpu, delivery, export, gpu, host
+from factory.build import PACKER_TIME_LIMIT_MINUTES, run_packer
+from factory.bundle import build_payload, fetch_conda_installer
+from factory.delivery import Delivery, build_lock
+from factory.errors import FactoryError
+from factory.files import replace_path
+from factory.keys import ephemeral_keypair
+from factory.profile import LoadedProfile
+from factory.progress import Progress
+from factory.render import BuildInputs, build_vm_size, render_build_dir
+from factory.resolve import lock_profile
+
+# What the Debian base image holds before any environment is installed.
+BASE_CONTENT_GIB = 1.5
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    outputs: Path
+    accelerator: str = "auto"
+    force: bool = False
+    ova_digest: str = export.DEFAULT_OVA_DIGEST
+    time_limit_minutes: float = PACKER_TIME_LIMIT_MINUTES
+    locked: bool = False
+
+
+@dataclass
+class Steps:
+    """Runs the stages one after another: each is shown, timed and recorded."""
+
+    progress: Progress
+    records: list[dict] = field(default_factory=list)
+
+    @contextmanager
+    def step(self, name: str, log: str | None = None) -> Iterator[None]:
+        self.progress.set_stage(name)
+        started = time.monotonic()
+        yield
+        self.records.append(
+            {"name": name, "seconds": round(time.monotonic() - started, 1), "log": log}
+        )
+
+
+def check_free_disk(outputs: Path, loaded: LoadedProfile, payload_gib: float = 0.0) -> None:
+    """Refuse early when the build could fill the disk. The disk images are sparse: at its
+    peak the build holds the assembled image and packer's copy of it, each the base plus the
+    installed environments (about three times their packages, with the offline copies), never
+    more than the profile's disk; the export needs room beside them."""
+    content = BASE_CONTENT_GIB + 3 * payload_gib
+    needed_gib = round(min(loaded.profile.resources.disk, 2 * content) + 2, 1)
+    free_gib = shutil.disk_usage(outputs).free / 2**30
+    if free_gib < needed_gib:
+        raise FactoryError(
+            f"{outputs} has {free_gib:.1f} GiB free but building {loaded.name} needs about "
+            f"{needed_gib} GiB (its image twice, with {payload_gib:.1f} GiB of packages, and "
+            "room to export); free some space or use --outputs elsewhere"
+        )
+
+
+def payload_size_gib(payload: Path) -> float:
+    return sum(p.stat().st_size for p in payload.rglob("*") if p.is_file()) / 2**30
+
+
+def gpu_base_packages(loaded: LoadedProfile) -> tuple[str, ...]:
+    """A Debian GPU profile's driver goes into its own base layer: DKMS builds the module
+    for the image's kernel there, at the host's speed, before any kernel change."""
+    target = loaded.profile.gpu
+    if target is None or loaded.profile.base != "debian-12":
+        return ()
+    toolkit = ("nvidia-cuda-toolkit",) if target.toolkit else ()
+    return (*gpu.DEBIAN_GPU_PACKAGES, *toolkit)
+
+
+def base_image_for(loaded: LoadedProfile, progress: Progress) -> Path:
+    spec = loaded.profile.base
+    if isinstance(spec, str):
+        return base.debian_base_image(
+            spec, log=progress.log, extra_packages=gpu_base_packages(loaded)
+        )
+    return base.cloud_base_image(spec.url, spec.sha256, log=progress.log)
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    packer = host.packer_version()
+    versions["packer"] = ".".join(map(str, packer)) if packer else "unknown"
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        result = subprocess.run([tool, "--version"], capture_output=True, text=True)
+        versions[tool] = result.stdout.splitlines()[0] if result.returncode == 0 else "unknown"
+    versions["py-rattler"] = metadata.version("py-rattler")
+    return versions
+
+
+def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
+    """Run the whole chain for one profile and return the published delivery folder."""
+    started = datetime.now(UTC)
+    outputs = options.outputs.resolve()
+    final = Delivery.of(outputs, loaded)
+    with build_lock(outputs, loaded.name):
+        if final.path.exists() and not options.force:
+            raise FactoryError(
+                f"{final.path} already holds a delivery of {loaded.name}; bump `version` in "
+                f"{loaded.path.name} or pass --force to replace it"
+            )
+        check_free_disk(outputs, loaded)
+        assemble.check_host()
+        accelerator = host.choose_accelerator(options.accelerator)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=outputs))
+        try:
+            with Progress() as progress:
+                steps = Steps(progress)
+                _preflight(loaded, accelerator, progress)
+                staged = _run_stages(loaded, options, accelerator, staging, steps)
+            delivery.write_build_manifest(
+                staged.path,
+                profile_sha256=loaded.sha256,
+                artifacts=staged.artifacts,
+                tool_versions=tool_versions(),
+                started=started,
+                finished=datetime.now(UTC),
+                stages=steps.records,
+                extra={
+                    "name": loaded.name,
+                    "accelerator": accelerator,
+                    "security_index": delivery.security_index_summary(staged.security_index),
+                },
+            )
+            if loaded.profile.jupyter.tls:
+                delivery.keep_private(staged)
+            delivery.publish(staged, final)
+        except BaseException:
+            kept = delivery.keep_failure_logs(staging, outputs, loaded.name)
+            if kept:
+                print(f"build logs kept in {kept}", file=sys.stderr)
+            raise
+        finally:
+            base.remove_unless_mounted(staging, log=lambda line: print(line, file=sys.stderr))
+    return final.path
+
+
+def _preflight(loaded: LoadedProfile, accelerator: str, progress: Progress) -> None:
+    progress.set_stage("pre-flight")
+    progress.update(f"accelerator {accelerator}")
+    vm, resources = build_vm_size(loaded), loaded.profile.resources
+    progress.log(
+        f"build VM: {vm.cpus} CPUs, {vm.memory_mib} MiB, CPU model "
+        f"{cpu.build_cpu_model(accelerator)} (the delivered VM: {resources.cpus} "
+        f"CPUs, {resources.memory} MiB)"
+    )
+
+
+def _run_stages(
+    loaded: LoadedProfile,
+    options: BuildOptions,
+    accelerator: str,
+    staging: Path,
+    steps: Steps,
+) -> Delivery:
+    progress, step = steps.progress, steps.step
+    with step("lock"):
+        locks = lock_profile(loaded, log=progress.log, locked=options.locked)
+    with step("installer"):
+        # Fetched (and checked) before anything boots.
+        source = loaded.profile.conda.installer_source()
+        conda_installer = fetch_conda_installer(*source, log=progress.log) if source else None
+    with step("base"):
+        base_image = base_image_for(loaded, progress)
+    with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
+        inputs = BuildInputs(
+            base_image=str(staging / "assembled.qcow2"),
+            # Made in this staging folder by the environments stage, from the verified base.
+            base_image_checksum="none",
+            accelerator=accelerator,
+            output_directory=str(staging / "packer-output"),
+            console_log=str(staging / "console.log"),
+            build_key=key,
+            packer_version=host.packer_version() or (1, 6, 6),
+            host_stages=(assemble.HOST_STAGE,),
+            vm=build_vm_size(loaded),
+        )
+        with step("render"):
+            build_dir = render_build_dir(loaded, inputs, staging / "build")
+        with step("bundle"):
+            payload = build_dir / "payload"
+            build_payload(locks, payload, log=progress.log, conda_installer=conda_installer)
+            check_free_disk(options.outputs.resolve(), loaded, payload_size_gib(payload))
+        with step("environments", log="build.log"):
+            assemble.assemble_environments(
+                base_image,
+                loaded.profile.resources.disk,
+                build_dir,
+                staging,
+                log=progress.update,
+                log_file=staging / "build.log",
+            )
+            for name in delivery.HOST_ONLY_PAYLOAD_DIRS:
+                shutil.rmtree(payload / name, ignore_errors=True)
+        with step("packer", log="build.log"):
+            run_packer(
+                build_dir,
+                key.private_key_file,
+                staging / "build.log",
+                progress,
+                options.time_limit_minutes,
+            )
+    with step("export"):
+        staged, _ = delivery.fill(loaded, staging, options.ova_digest, progress)
+    return staged
+
+
+def render_target(outputs: Path, loaded: LoadedProfile, into: Path | None = None) -> Path:
+    """Where `factory render` writes: outputs/renders/<name>/ or --into, never the delivery."""
+    outputs = outputs.resolve()
+    target = (into or outputs / "renders" / loaded.name).resolve()
+    final = Delivery.of(outputs, loaded).path
+    if target == final or final in target.parents:
+        raise FactoryError(
+            f"--into {target} is inside the delivery folder {final}; render somewhere else "
+            f"(the default is {outputs / 'renders' / loaded.name})"
+        )
+    if target.exists() and not (
+        target.is_dir() and (not any(target.iterdir()) or (target / "image.pkr.hcl").is_file())
+    ):
+        raise FactoryError(
+            f"--into {target} holds something other than a factory render; name a new or "
+            "empty folder"
+        )
+    return target
+
+
+def render_for_review(loaded: LoadedProfile, outputs: Path, into: Path | None = None) -> Path:
+    """`factory render`: the chain up to the render stage, for review. The build folder a
+    build would use, checked by `packer validate`, replaced in one rename, without the
+    client's TLS files (as in the delivery's copy of the build folder)."""
+    target = render_target(outputs, loaded, into)
+    with build_lock(outputs.resolve(), loaded.name):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".render-{loaded.name}-", dir=target.parent))
+        try:
+            base_image = loaded.profile.base
+            with ephemeral_keypair("factory-render") as key:
+                inputs = BuildInputs(
+                    base_image=base_image if isinstance(base_image, str) else base_image.url,
+                    base_image_checksum="none",
+                    accelerator="tcg",
+                    output_directory=str(target / "packer-output"),
+                    console_log=str(target / "console.log"),
+                    build_key=key,
+                    packer_version=host.packer_version() or (1, 6, 6),
+                )
+                build_dir = render_build_dir(loaded, inputs, scratch / "build")
+            for name in delivery.UNDELIVERED_PAYLOAD_DIRS:
+                shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+            replace_path(build_dir, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
