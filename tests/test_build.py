@@ -225,3 +225,28 @@ def test_the_build_lock_never_follows_a_planted_link(tmp_path):
         with build_lock(tmp_path, "demo_hello_v1"):
             pass
     assert victim.read_text() == "keep\n"
+
+
+def test_lock_check_and_a_locked_build_refuse_a_stale_lock(tmp_path, test_channel):
+    """`factory lock --check` exits 1 when a lock no longer matches its profile, and
+    `factory build --locked` refuses to solve again: one line each, nothing built."""
+    from tests.test_resolve import profile_with
+
+    profile = profile_with(tmp_path, test_channel, "[six]")
+    outputs = tmp_path / "outputs"
+    check = run_factory("lock", str(profile), "--check")
+    assert check.returncode == 1 and "run `factory lock" in check.stderr
+    run_factory("lock", str(profile), check=True)
+    assert run_factory("lock", str(profile), "--check").returncode == 0
+    profile.write_text(profile.read_text().replace("conda: [six]", "conda: [six, pip]"))
+    check = run_factory("lock", str(profile), "--check")
+    assert check.returncode == 1
+    assert check.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'p.lock'}: the lock of model no longer matches p.yaml; "
+        f"run `factory lock {profile}`"
+    ]
+    build = run_factory("build", str(profile), "--locked", "--outputs", str(outputs))
+    assert build.returncode == 1, build.stderr
+    assert "the lock of 'model' is missing or no longer matches p.yaml" in build.stderr
+    assert "Traceback" not in build.stderr
+    assert not (outputs / "acme_locks_v1").exists()
