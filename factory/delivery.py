@@ -45,6 +45,16 @@ def build_lock(outputs: Path, name: str) -> Iterator[None]:
         yield
 
 
+class _Part:
+    """A file or folder of the delivery, named once: `{name}` is the delivery's name."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def __get__(self, delivery: Delivery, owner: type | None = None) -> Path:
+        return delivery.path / self.pattern.format(name=delivery.name)
+
+
 @dataclass(frozen=True)
 class Delivery:
     """outputs/<name>/ and the names of everything in it."""
@@ -52,45 +62,19 @@ class Delivery:
     path: Path
     name: str
 
+    ova = _Part("{name}.ova")
+    qcow2 = _Part("{name}.qcow2")
+    profile = _Part("profile.yaml")
+    manifest = _Part("manifest.json")
+    checksums = _Part("SHA256SUMS")
+    locks = _Part("locks")
+    build_dir = _Part("build")
+    build_log = _Part("build.log")
+    security_index = _Part(updates.INDEX_FILE)
+
     @classmethod
     def of(cls, outputs: Path, loaded: LoadedProfile) -> Delivery:
         return cls(Path(outputs) / loaded.name, loaded.name)
-
-    @property
-    def ova(self) -> Path:
-        return self.path / f"{self.name}.ova"
-
-    @property
-    def qcow2(self) -> Path:
-        return self.path / f"{self.name}.qcow2"
-
-    @property
-    def profile(self) -> Path:
-        return self.path / "profile.yaml"
-
-    @property
-    def manifest(self) -> Path:
-        return self.path / "manifest.json"
-
-    @property
-    def checksums(self) -> Path:
-        return self.path / "SHA256SUMS"
-
-    @property
-    def locks(self) -> Path:
-        return self.path / "locks"
-
-    @property
-    def build_dir(self) -> Path:
-        return self.path / "build"
-
-    @property
-    def build_log(self) -> Path:
-        return self.path / "build.log"
-
-    @property
-    def security_index(self) -> Path:
-        return self.path / updates.INDEX_FILE
 
     @property
     def artifacts(self) -> list[Path]:

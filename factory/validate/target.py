@@ -57,16 +57,10 @@ class _ReachesPorts:
         raise NotImplementedError
 
     def request(
-        self,
-        port: int,
-        path: str,
-        headers: dict[str, str] | None = None,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_name: str | None = None,
-        timeout: float = 30,
+        self, port: int, path: str, headers: dict[str, str] | None = None, **options: Any
     ) -> Answer:
-        return http_request(self.address(port), path, headers, tls, server_name, timeout)
+        """GET `path` on `port`; options are http_request's (tls, server_name, timeout)."""
+        return http_request(self.address(port), path, headers, **options)
 
 
 class SSHTarget(_ReachesPorts):
@@ -217,14 +211,7 @@ class ScriptedTarget:
         )
 
     def request(
-        self,
-        port: int,
-        path: str,
-        headers: dict[str, str] | None = None,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_name: str | None = None,
-        timeout: float = 30,
+        self, port: int, path: str, headers: dict[str, str] | None = None, **options: Any
     ) -> Answer:
         recorded = self.requests[request_key(port, path, headers)]
         if "error" in recorded:
