@@ -22,6 +22,7 @@ from factory import cache
 from factory.cache import cache_subdir, sha256_file
 from factory.download import ChecksumMismatch, Unreachable, fetch_locked, fetch_verified
 from factory.errors import FactoryError
+from factory.files import replace_path
 from factory.image_layout import PAYLOAD_CHANNEL
 from factory.resolve import EnvLock, pip_target_args
 
@@ -78,7 +79,7 @@ def _installer_wheels(dest: Path, version: str | None = None) -> None:
                 raise FactoryError(f"pip fetched {got} for the installer, not the pinned {name}")
             if sha256_file(fetched) != sha256:
                 raise FactoryError(f"{name}: sha256 differs from the pin in factory/bundle.py")
-            fetched.replace(wheel)
+            replace_path(fetched, wheel)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(wheel, dest / name)
 

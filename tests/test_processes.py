@@ -117,14 +117,13 @@ RUN_PACKER = """
     import sys
     from pathlib import Path
     from factory.build import run_packer
-    from factory.cli import Terminated, install_signal_handlers
     from factory.keys import ephemeral_keypair
+    from factory.processes import Terminated, signals_as_exceptions
     from factory.progress import Progress
 
-    install_signal_handlers()
     build = Path(sys.argv[1])
     try:
-        with ephemeral_keypair("test") as key, Progress() as progress:
+        with signals_as_exceptions(), ephemeral_keypair("test") as key, Progress() as progress:
             (build / "key-path").write_text(str(key.private_key_file))
             run_packer(build, key.private_key_file, build / "build.log", progress)
     except Terminated:
