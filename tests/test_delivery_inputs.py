@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from factory.delivery import Delivery
 from factory.errors import FactoryError
 from factory.validate.run import _delivery_locks, parse_host
 
@@ -14,13 +15,13 @@ def test_a_lock_whose_name_is_not_an_environment_name_is_refused(tmp_path, name)
     (tmp_path / "locks").mkdir()
     (tmp_path / "locks" / "demo.lock.json").write_text(json.dumps({"name": name, "conda": []}))
     with pytest.raises(FactoryError, match="is not an environment name"):
-        _delivery_locks(tmp_path)
+        _delivery_locks(Delivery(tmp_path, "demo_hello_v1"))
 
 
 def test_a_lock_with_an_environment_name_is_read(tmp_path):
     (tmp_path / "locks").mkdir()
     (tmp_path / "locks" / "demo.lock.json").write_text(json.dumps({"name": "demo", "conda": []}))
-    assert _delivery_locks(tmp_path) == [{"name": "demo", "conda": []}]
+    assert _delivery_locks(Delivery(tmp_path, "demo_hello_v1")) == [{"name": "demo", "conda": []}]
 
 
 @pytest.mark.parametrize(

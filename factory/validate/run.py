@@ -13,9 +13,10 @@ from pathlib import Path
 
 from factory import host, kvm
 from factory.cpu import validation_cpu
+from factory.delivery import Delivery
 from factory.errors import FactoryError
 from factory.profile import ENV_NAME, LoadedProfile, load_profile
-from factory.updates import INDEX_FILE, SecurityIndex
+from factory.updates import SecurityIndex
 from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
 from factory.validate.context import FAILED, PASSED, CheckContext, CheckResult
 from factory.validate.importer import check_importer_boot
@@ -38,11 +39,13 @@ class ValidationOutcome:
         return [r for r in self.results if r.status == FAILED]
 
 
-def _find_ova(delivery: Path) -> Path:
-    ovas = sorted(delivery.glob("*.ova"))
+def _open_delivery(folder: Path) -> Delivery:
+    """The delivery in `folder`, named after its one OVA (the folder may have been renamed on
+    its way to the client)."""
+    ovas = sorted(folder.glob("*.ova"))
     if len(ovas) != 1:
-        raise FactoryError(f"{delivery}: expected one .ova, found {len(ovas)}; run `factory build`")
-    return ovas[0]
+        raise FactoryError(f"{folder}: expected one .ova, found {len(ovas)}; run `factory build`")
+    return Delivery(folder, ovas[0].stem)
 
 
 def validate_delivery(
@@ -54,9 +57,9 @@ def validate_delivery(
     only: tuple[str, ...] = SUITES,
 ) -> ValidationOutcome:
     """Boot the delivery's OVA disk on an overlay and run every check of the profile."""
-    delivery = delivery.resolve()
-    loaded = load_profile(profile_path or delivery / "profile.yaml")
-    ova = _find_ova(delivery)
+    parts = _open_delivery(delivery.resolve())
+    delivery, ova = parts.path, parts.ova
+    loaded = load_profile(profile_path or parts.profile)
     accel = kvm.choose_accelerator(accelerator)
     probe_port = unlisted_port(loaded)
     with tempfile.TemporaryDirectory(prefix="factory-ova-") as scratch:
@@ -107,9 +110,9 @@ def validate_delivery(
                     target=target,
                     loaded=loaded,
                     throwaway_vm=True,
-                    locks=_delivery_locks(delivery),
+                    locks=_delivery_locks(parts),
                     unlisted_port=probe_port,
-                    extra={"cpu": cpu_choice, **_delivery_security_index(delivery)},
+                    extra={"cpu": cpu_choice, **_delivery_security_index(parts)},
                 )
                 log("running checks")
                 results = [*first, login, *run_all_checks(ctx, only)]
@@ -146,21 +149,21 @@ def _importer_boot(disk, loaded, vm_size, accel, cpu_model, log) -> list[CheckRe
         return [CheckResult("importer: boots without a seed", FAILED, str(error), group="importer")]
 
 
-def _delivery_security_index(delivery: Path) -> dict:
+def _delivery_security_index(delivery: Delivery) -> dict:
     """{"security_index": the index the image was upgraded against (None: it had none)}, or
     {} for a delivery made before factory recorded one."""
-    path = delivery / INDEX_FILE
+    path = delivery.security_index
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
     return {"security_index": SecurityIndex.from_json(data) if data else None}
 
 
-def _delivery_locks(delivery: Path) -> list[dict]:
+def _delivery_locks(delivery: Delivery) -> list[dict]:
     """The delivery's lock files; a name that is not an environment name is refused, since it
     reaches remote commands and file names."""
     locks = []
-    for path in sorted((delivery / "locks").glob("*.lock.json")):
+    for path in sorted(delivery.locks.glob("*.lock.json")):
         lock = json.loads(path.read_text())
         if not isinstance(lock, dict) or not ENV_NAME.match(str(lock.get("name", ""))):
             raise FactoryError(
