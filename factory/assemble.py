@@ -22,35 +22,20 @@ from pathlib import Path
 
 from debian.debian_support import version_compare
 
-from factory import host, updates
-from factory.base import (
-    _grub_cfg,
-    _Runner,
-    _signals_deferred,
-    _teardown,
-    chroot_command,
-    clear_apt_lists,
-)
+from factory import image_layout, updates
+from factory.base.recipe import chroot_command, clear_apt_lists, grub_cfg, teardown
+from factory.processes import LoggedRunner, signals_deferred
+from factory.tools import require_root_and_tools
 
 HOST_STAGE = "20-conda-envs.sh"
-PAYLOAD_IN_IMAGE = "tmp/factory-payload"
 _APT = ("apt-get", "-q", "-y")  # chroot_command sets DEBIAN_FRONTEND
-_TOOLS = {  # command -> Debian package that provides it
-    "losetup": "mount",
-    "mount": "mount",
-    "umount": "mount",
-    "chroot": "coreutils",
-    "sfdisk": "fdisk",
-    "e2fsck": "e2fsprogs",
-    "resize2fs": "e2fsprogs",
-    "qemu-img": "qemu-utils",
-}
+_TOOLS = ("losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs", "qemu-img")
 _LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}
 
 
 def check_host() -> None:
     """Refuse, in one line, a host that cannot mount the image."""
-    host.require_root_and_tools(
+    require_root_and_tools(
         "building",
         "the conda environments are installed into the image on this host: loop device, "
         "mount, chroot",
@@ -59,7 +44,7 @@ def check_host() -> None:
     )
 
 
-def _root_partition(run: _Runner, raw: Path) -> tuple[int, dict, int]:
+def _root_partition(run: LoggedRunner, raw: Path) -> tuple[int, dict, int]:
     """(partition number, sfdisk entry, sector size) of the image's root file system: the
     largest Linux partition."""
     table = json.loads(run("sfdisk", "--json", str(raw), capture=True))["partitiontable"]
@@ -71,7 +56,7 @@ def _root_partition(run: _Runner, raw: Path) -> tuple[int, dict, int]:
     return number, root, table.get("sectorsize", 512)
 
 
-def _grow(run: _Runner, raw: Path, disk_gib: int) -> None:
+def _grow(run: LoggedRunner, raw: Path, disk_gib: int) -> None:
     """Grow the disk to `disk_gib` and its root partition to fill it, when it is the last one."""
     if raw.stat().st_size >= disk_gib << 30:
         return
@@ -91,7 +76,7 @@ def _kernels(mnt: Path) -> set[str]:
     return {path.name.removeprefix("vmlinuz-") for path in (mnt / "boot").glob("vmlinuz-*")}
 
 
-def upgrade(run: _Runner, mnt: Path) -> updates.SecurityIndex | None:
+def upgrade(run: LoggedRunner, mnt: Path) -> updates.SecurityIndex | None:
     """apt full-upgrade in the image mounted at `mnt` (its proc, sys and dev mounted); the
     security index it upgraded against, or None when its sources have no security suite."""
     policy = mnt / "usr/sbin/policy-rc.d"
@@ -121,7 +106,7 @@ def upgrade(run: _Runner, mnt: Path) -> updates.SecurityIndex | None:
         root_uuid = re.search(r"--set=root (\S+)", config)
         kernel = max(new_kernels, key=functools.cmp_to_key(version_compare))
         if root_uuid:
-            grub.write_text(_grub_cfg(root_uuid.group(1), kernel))
+            grub.write_text(grub_cfg(root_uuid.group(1), kernel))
             run.note(f"new kernel {kernel}: boot entry rewritten")
     return index
 
@@ -139,7 +124,7 @@ def assemble_environments(
     (null when the image has no security suite)."""
     raw, mnt, result = work / "assemble.raw", work / "assemble-root", work / "assembled.qcow2"
     with open(log_file, "a") as logf:
-        run = _Runner(logf, log_file, log)
+        run = LoggedRunner(logf, log_file, log)
         run.step("copying the base image for the host-side environments")
         run("qemu-img", "convert", "-O", "raw", str(base_image), str(raw))
         _grow(run, raw, disk_gib)
@@ -157,7 +142,7 @@ def assemble_environments(
             mnt.mkdir()
             run("mount", loop, str(mnt))
             mounts.append(mnt)
-            payload = mnt / PAYLOAD_IN_IMAGE
+            payload = mnt / image_layout.PAYLOAD_DIR.relative_to("/")
             payload.mkdir(parents=True, exist_ok=True)
             for source, target, extra in (
                 ("/dev", mnt / "dev", ["--bind"]),
@@ -179,13 +164,13 @@ def assemble_environments(
                 run.step(f"upgraded against {index.suite} of {index.date}")
             run.step("installing the conda environments on the host (native speed)")
             script = (build_dir / "provisioners" / HOST_STAGE).read_text()
-            run(*chroot_command(mnt), f"FACTORY_PAYLOAD=/{PAYLOAD_IN_IMAGE}", "bash", "-s",
+            run(*chroot_command(mnt), f"FACTORY_PAYLOAD={image_layout.PAYLOAD_DIR}", "bash", "-s",
                 input=script)  # fmt: skip
             shutil.rmtree(mnt / "var/cache/factory-rattler", ignore_errors=True)
             run("sync")
         finally:
-            with _signals_deferred():
-                _teardown(run, mounts, loops)
+            with signals_deferred():
+                teardown(run, mounts, loops)
         run.step("writing the assembled image")
         run("qemu-img", "convert", "-O", "qcow2", str(raw), str(result))
         raw.unlink()

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import jinja2
-
-from factory import __version__
+from factory import __version__, seed
 from factory.cache import sha256_file
-from factory.errors import FactoryError, ToolError
+from factory.errors import FactoryError
 from factory.escape import cloud_config
 from factory.export import (
     VirtualHardware,
@@ -36,6 +34,7 @@ from factory.export import (
     virtual_hardware,
 )
 from factory.files import staging_dir, write_text_atomically
+from factory.templates import render_template
 
 # format name (as given to --format) -> Vagrant provider name
 BOX_FORMATS = {"vagrant-libvirt": "libvirt", "vagrant-virtualbox": "virtualbox"}
@@ -51,7 +50,6 @@ VAGRANT_INSECURE_KEY = (
 if TYPE_CHECKING:
     from factory.profile import LoadedProfile
 
-_TEMPLATES = Path(__file__).parent / "templates"
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
 
 
@@ -93,12 +91,8 @@ def check_box_url(base_url: str | None) -> None:
 
 
 def render_box_vagrantfile(spec: BoxSpec, provider: str) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(_TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
-    return env.get_template("box-Vagrantfile.j2").render(
+    return render_template(
+        "box-Vagrantfile.j2",
         factory_version=__version__,
         box_name=spec.box_name,
         version=spec.version,
@@ -111,23 +105,12 @@ def render_box_vagrantfile(spec: BoxSpec, provider: str) -> str:
 
 def write_tester_seed(folder: Path, spec: BoxSpec) -> Path:
     """A NoCloud seed ISO (label cidata) that creates the vagrant user; returns its path."""
-    from factory.render import temporary_login
-
-    login = temporary_login(VAGRANT_USER, VAGRANT_INSECURE_KEY)
-    user_data = cloud_config({**login, "ssh_pwauth": False})
-    hostname = spec.slug.replace("_", "-")
-    (folder / "user-data").write_text(user_data)
-    (folder / "meta-data").write_text(
-        f"instance-id: vagrant-{spec.hardware.name}\nlocal-hostname: {hostname}\n"
+    login = seed.temporary_login(VAGRANT_USER, VAGRANT_INSECURE_KEY)
+    return seed.write_seed_iso(
+        folder,
+        cloud_config({**login, "ssh_pwauth": False}),
+        seed.meta_data(f"vagrant-{spec.hardware.name}", spec.slug.replace("_", "-")),
     )
-    if shutil.which("cloud-localds") is None:
-        raise ToolError("cloud-localds is missing; run `apt-get install -y cloud-image-utils`")
-    seed = folder / "seed.iso"
-    run_tool(
-        ["cloud-localds", str(seed), str(folder / "user-data"), str(folder / "meta-data")],
-        "writing the tester seed",
-    )
-    return seed
 
 
 def _pack_box(box: Path, folder: Path, members: list[str]) -> None:

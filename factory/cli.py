@@ -72,11 +72,12 @@ def cli(cache_dir: Path | None, debug: bool, allow_roots: tuple[Path, ...]) -> N
 @click.option("--refresh", is_flag=True, help="Probe KVM again instead of using the cache.")
 def doctor(refresh: bool) -> None:
     """Say what this host has and lacks for a build."""
-    from factory import host
+    from factory.doctor import check_host
+    from factory.kvm import kvm_boots
 
     if refresh:
-        host.kvm_boots(refresh=True)
-    checks = host.check_host()
+        kvm_boots(refresh=True)
+    checks = check_host()
     for check in checks:
         mark = "ok " if check.ok else ("MISSING" if check.required else "no ")
         click.echo(f"{mark:8} {check.name:28} {check.detail}")

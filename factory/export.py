@@ -18,12 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
-from factory import __version__
+from factory import __version__, tools
 from factory.errors import FactoryError, ToolError
 from factory.files import staging_dir
 from factory.profile import LoadedProfile
+from factory.templates import render_template
 
 NETWORK_NAME = "VM Network"
 
@@ -51,8 +50,7 @@ USTAR_MAX_MEMBER_SIZE = 8**11 - 1
 # 80 keeps "<name>-disk1.vmdk" within ustar's 100-byte member name.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,80}")
 # Characters XML 1.0 forbids even when escaped.
-_XML_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_TEMPLATES = Path(__file__).parent / "templates"
+XML_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ class VirtualHardware:
             raise FactoryError(
                 f"hardware.os_type {self.os_type!r} is not supported; use one of: {known}"
             )
-        if not isinstance(self.description, str) or _XML_FORBIDDEN.search(self.description):
+        if not isinstance(self.description, str) or XML_FORBIDDEN.search(self.description):
             raise FactoryError(
                 "hardware.description must be text without control characters; XML cannot hold them"
             )
@@ -121,13 +119,10 @@ def check_artifact_name(name: str) -> None:
 
 
 def run_tool(args: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> str:
-    """Run a tool and return its stdout; raise ToolError with its last stderr line on failure."""
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise ToolError(
-            f"{args[0]} not found while {what}; install it (Debian: qemu-utils, tar)"
-        ) from None
+    """Run a tool and return its stdout; raise ToolError with its last stderr line on failure
+    (or, when the tool is missing, the package that provides it)."""
+    command = [tools.require(args[0]), *args[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode not in ok_codes:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         detail = lines[-1] if lines else f"exit status {result.returncode}"
@@ -212,13 +207,8 @@ def render_ovf(
 ) -> str:
     """The OVF descriptor: the first disk boots; the others follow it on the same controller."""
     disks = [disks] if isinstance(disks, _OvfDisk) else list(disks)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(_TEMPLATES),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
-    text = env.get_template("ovf.xml.j2").render(
+    text = render_template(
+        "ovf.xml.j2",
         hw=hardware,
         guest_os=hardware.guest_os,
         disks=disks,

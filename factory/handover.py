@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from factory import image_layout
 from factory.profile import LoadedProfile
 
 # Every selector is filtered by the dashboard's $instance variable.
@@ -44,7 +45,7 @@ def credentials_text(loaded: LoadedProfile) -> str:
     if profile.jupyter.tls:
         baked = [
             "No password or token is baked into this image. It does carry the private key of",
-            "the TLS certificate you supplied (/etc/factory/tls/jupyter.key, root only): keep",
+            f"the TLS certificate you supplied ({image_layout.TLS_KEY}, root only): keep",
             "the OVA and qcow2 as confidential as that key. On its first boot the machine makes",
             "its own SSH host keys and Jupyter token.",
         ]
@@ -68,11 +69,11 @@ def credentials_text(loaded: LoadedProfile) -> str:
         lines += [
             f"- Jupyter token: `ssh {admin}@HOST cat jupyter-token` (the file is readable by "
             f"{admin} only;",
-            "  the service reads /etc/factory/jupyter.env, readable by root only).",
+            f"  the service reads {image_layout.JUPYTER_TOKEN_FILE}, readable by root only).",
             "- Jupyter: open `https://HOST/` and paste the token. Plain HTTP redirects to HTTPS.",
             f"- New token: `ssh {admin}@HOST sudo factory-rotate-token` (Jupyter restarts).",
             "- TLS certificate fingerprint, to compare with what the browser shows:",
-            f"  `ssh {admin}@HOST openssl x509 -in /etc/factory/tls/jupyter.crt -noout "
+            f"  `ssh {admin}@HOST openssl x509 -in {image_layout.TLS_CERTIFICATE} -noout "
             "-fingerprint -sha256`",
         ]
     ports = ", ".join(map(str, profile.open_ports()))

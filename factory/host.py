@@ -1,9 +1,5 @@
 """What this build host can give a VM: the build and validation VMs are the profile's hardware
-capped to it.
-
-The host report lives in factory.doctor, the accelerator choice and KVM probe in factory.kvm,
-tool lookups and versions in factory.tools; the names below re-export them for callers that
-still import them from here.
+capped to it. (The host report is doctor.py; the accelerator and the KVM probe kvm.py.)
 """
 
 from __future__ import annotations
@@ -11,43 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from factory.doctor import HostCheck, check_host
 from factory.errors import ToolError
-from factory.kvm import (
-    ACCELERATORS,
-    KVM_DEVICE,
-    QEMU,
-    _boot,
-    choose_accelerator,
-    kvm_boots,
-    kvm_probe,
-    probe_kernel,
-    qemu_accel_args,
-)
-from factory.tools import packer_version, qemu_version, require_root_and_tools
-
-# Temporary re-exports (see the module docstring); new code imports them from their homes.
-__all__ = [
-    "ACCELERATORS",
-    "HOST_RESERVED_MIB",
-    "KVM_DEVICE",
-    "QEMU",
-    "VM_MIN_MEMORY_MIB",
-    "HostCheck",
-    "VMSize",
-    "_boot",
-    "check_host",
-    "choose_accelerator",
-    "kvm_boots",
-    "kvm_probe",
-    "local_vm_size",
-    "packer_version",
-    "probe_kernel",
-    "qemu_accel_args",
-    "qemu_version",
-    "require_root_and_tools",
-    "vm_memory_limit_mib",
-]
 
 # What the host keeps for itself (packer, the host-side install, page cache) while a VM runs.
 HOST_RESERVED_MIB = 4096

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from factory import assemble, base, cpu, delivery, export, gpu, host
+from factory import assemble, base, cpu, delivery, export, gpu, kvm, tools
 from factory.build import PACKER_TIME_LIMIT_MINUTES, run_packer
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
@@ -104,9 +104,15 @@ def base_image_for(loaded: LoadedProfile, progress: Progress) -> Path:
     return base.cloud_base_image(spec.url, spec.sha256, log=progress.log)
 
 
+def packer_version() -> tuple[int, int, int]:
+    """The host's packer release; the template is rendered for Debian 12's 1.6.6 when packer
+    cannot say (render fails later with a clear message if packer is missing)."""
+    return tools.packer_version() or (1, 6, 6)
+
+
 def tool_versions() -> dict[str, str]:
     versions = {}
-    packer = host.packer_version()
+    packer = tools.packer_version()
     versions["packer"] = ".".join(map(str, packer)) if packer else "unknown"
     for tool in ("qemu-system-x86_64", "qemu-img"):
         result = subprocess.run([tool, "--version"], capture_output=True, text=True)
@@ -128,7 +134,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
             )
         check_free_disk(outputs, loaded)
         assemble.check_host()
-        accelerator = host.choose_accelerator(options.accelerator)
+        accelerator = kvm.choose_accelerator(options.accelerator)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=outputs))
         try:
             with Progress() as progress:
@@ -198,7 +204,7 @@ def _run_stages(
             output_directory=str(staging / "packer-output"),
             console_log=str(staging / "console.log"),
             build_key=key,
-            packer_version=host.packer_version() or (1, 6, 6),
+            packer_version=packer_version(),
             host_stages=(assemble.HOST_STAGE,),
             vm=build_vm_size(loaded),
         )
@@ -270,7 +276,7 @@ def render_for_review(loaded: LoadedProfile, outputs: Path, into: Path | None = 
                     output_directory=str(target / "packer-output"),
                     console_log=str(target / "console.log"),
                     build_key=key,
-                    packer_version=host.packer_version() or (1, 6, 6),
+                    packer_version=packer_version(),
                 )
                 build_dir = render_build_dir(loaded, inputs, scratch / "build")
             for name in delivery.UNDELIVERED_PAYLOAD_DIRS:

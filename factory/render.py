@@ -27,8 +27,6 @@ from factory.resources import PROVISIONERS_DIR
 from factory.seed import meta_data, temporary_login, write_seed_files
 from factory.templates import render_template
 
-# Temporary re-export: boxes.py and validate/boot.py still import temporary_login from here.
-__all__ = ["temporary_login"]
 # Ordered stages: each later stage depends on the ones before it (for layer caching). The
 # conda stage runs on the host before the VM boots (BuildInputs.host_stages).
 STAGE_SCRIPTS = [

@@ -183,11 +183,11 @@ def boxes(demo_delivery: Path, tmp_path_factory) -> Path:
 def tester(boxes: Path, tmp_path_factory):
     """Runs the guide up to its clean-up; the clean-up runs in the last test (and here, if
     that test did not run)."""
-    from factory import host
+    from factory import kvm
 
     workdir = tmp_path_factory.mktemp("tester") / "vagrant"
     shutil.copytree(REPO / "vagrant", workdir)
-    driver = "kvm" if host.choose_accelerator("auto") == "kvm" else "qemu"
+    driver = "kvm" if kvm.choose_accelerator("auto") == "kvm" else "qemu"
     env = {
         **os.environ,
         "VAGRANT_HOME": str(tmp_path_factory.mktemp("vagrant-home")),

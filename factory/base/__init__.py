@@ -13,12 +13,6 @@ from factory.base.recipe import (
     clear_apt_lists,
 )
 
-# Temporary re-exports under their old private names, for factory/assemble.py.
-from factory.base.recipe import grub_cfg as _grub_cfg
-from factory.base.recipe import teardown as _teardown
-from factory.processes import LoggedRunner as _Runner
-from factory.processes import signals_deferred as _signals_deferred
-
 __all__ = [
     "COMPONENTS",
     "DEBIAN_PACKAGES",
@@ -26,10 +20,6 @@ __all__ = [
     "DISK_SIZE_GIB",
     "KERNEL_CMDLINE",
     "RECIPE_VERSION",
-    "_Runner",
-    "_grub_cfg",
-    "_signals_deferred",
-    "_teardown",
     "chroot_command",
     "clear_apt_lists",
     "cloud_base_image",

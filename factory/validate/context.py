@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from factory.escape import shell_word
-from factory.export import _XML_FORBIDDEN
+from factory.export import XML_FORBIDDEN
 from factory.image_layout import JUPYTER_TOKEN_FILE
 from factory.profile import LoadedProfile
 from factory.validate.target import Target
@@ -21,7 +21,7 @@ _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1
 def printable_detail(text: str) -> str:
     """A check's detail without terminal escapes or the characters XML cannot hold, so every
     report (JSON, JUnit XML, HTML) can carry it."""
-    return _XML_FORBIDDEN.sub("", _ANSI_ESCAPE.sub("", text))
+    return XML_FORBIDDEN.sub("", _ANSI_ESCAPE.sub("", text))
 
 
 @dataclass
