@@ -225,6 +225,8 @@ def validate_host(
         user, hostname, port = parse_host(address)
         log(f"connecting to {address}")
         target = connect(hostname, port, user, key_file, None, time.monotonic() + 60)
+    if record := recording_path():
+        target = RecordingTarget(target, Recording(record))
     log(f"running checks on {target.description}")
     try:
         ctx = CheckContext(target=target, loaded=loaded, throwaway_vm=False)
