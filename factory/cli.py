@@ -338,13 +338,23 @@ def validate(
         if profile_path is None:
             raise FactoryError("--host needs --profile: the checks come from the profile")
         outcome = validate_host(
-            address, profile_path, identity, report_dir or Path("."), plain_log, groups
+            address,
+            profile_path=profile_path,
+            key_file=identity,
+            report_dir=report_dir or Path("."),
+            log=plain_log,
+            only=groups,
         )
     else:
         if delivery is None:
             raise FactoryError("give the delivery folder (outputs/<name>) or --host")
         outcome = validate_delivery(
-            delivery, profile_path, accelerator, report_dir, plain_log, groups
+            delivery,
+            profile_path=profile_path,
+            accelerator=accelerator,
+            report_dir=report_dir,
+            log=plain_log,
+            only=groups,
         )
     for result in outcome.results:
         click.echo(f"{result.status.upper():8} {result.name}: {result.detail}")
@@ -363,13 +373,12 @@ def validate(
 @click.argument("source", type=click.Path(path_type=Path))
 def credentials(source: Path) -> None:
     """How IT reads the first-boot secrets of a profile or delivery (outputs/<name>)."""
+    from factory.delivery import Delivery
     from factory.handover import credentials_text
     from factory.profile import load_profile
 
-    click.echo(
-        credentials_text(load_profile(source / "profile.yaml" if source.is_dir() else source)),
-        nl=False,
-    )
+    profile = Delivery(source, source.name).profile if source.is_dir() else source
+    click.echo(credentials_text(load_profile(profile)), nl=False)
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ def _open_delivery(folder: Path) -> Delivery:
 
 def validate_delivery(
     delivery: Path,
+    *,
     profile_path: Path | None = None,
     accelerator: str = "auto",
     report_dir: Path | None = None,
@@ -209,6 +210,7 @@ def parse_host(address: str) -> tuple[str, str, int]:
 
 def validate_host(
     address: str,
+    *,
     profile_path: Path,
     key_file: Path | None,
     report_dir: Path,

@@ -1,0 +1,51 @@
+"""The chain as the user sees it: `factory --help` in pipeline order, and the per-stage timings
+a real build records in its manifest."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from factory.pipeline import Steps
+from tests.conftest import run_factory
+
+STAGES = ["lock", "installer", "base", "render", "bundle", "environments", "packer", "export"]
+
+
+def test_help_lists_the_pipeline_in_order_then_the_tools():
+    text = run_factory("--help", check=True).stdout
+    pipeline, tools = text.split("Pipeline, in order:")[1].split("Tools:")
+    listed = re.findall(r"^  (\S+)", pipeline, flags=re.MULTILINE)
+    assert listed == ["lock", "bundle", "base", "render", "build", "export", "validate"]
+    assert {"credentials", "doctor", "schema"} <= set(tools.split())
+
+
+class _Quiet:
+    def set_stage(self, name: str) -> None:
+        self.stage = name
+
+
+def test_a_stage_that_fails_is_not_recorded_as_done():
+    steps = Steps(_Quiet())  # type: ignore[arg-type]
+    with steps.step("lock"):
+        pass
+    with pytest.raises(RuntimeError), steps.step("base"):
+        raise RuntimeError("mirror unreachable")
+    assert [record["name"] for record in steps.records] == ["lock"]
+    assert steps.records[0]["seconds"] >= 0
+
+
+@pytest.mark.e2e
+def test_the_manifest_records_every_stage_of_a_real_build(demo_delivery: Path):
+    manifest = json.loads((demo_delivery / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert [stage["name"] for stage in stages] == STAGES
+    assert all(stage["seconds"] >= 0 for stage in stages)
+    # The VM stages take real time; the sum never exceeds the whole build.
+    seconds = {stage["name"]: stage["seconds"] for stage in stages}
+    assert seconds["packer"] > 10 and seconds["environments"] > 1
+    assert sum(seconds.values()) <= manifest["build"]["duration_s"] + 1
+    assert {stage["log"] for stage in stages} <= {None, "build.log"}
