@@ -60,9 +60,9 @@ class Steps:
         self.progress.set_stage(name)
         started = time.monotonic()
         yield
-        self.records.append(
-            {"name": name, "seconds": round(time.monotonic() - started, 1), "log": log}
-        )
+        seconds = round(time.monotonic() - started, 1)
+        self.progress.log(f"{name} done in {seconds:g} s")
+        self.records.append({"name": name, "seconds": seconds, "log": log})
 
 
 def check_free_disk(outputs: Path, loaded: LoadedProfile, payload_gib: float = 0.0) -> None:

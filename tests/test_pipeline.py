@@ -24,8 +24,14 @@ def test_help_lists_the_pipeline_in_order_then_the_tools():
 
 
 class _Quiet:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
     def set_stage(self, name: str) -> None:
-        self.stage = name
+        self.lines.append(name)
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
 
 
 def test_a_stage_that_fails_is_not_recorded_as_done():
@@ -36,6 +42,11 @@ def test_a_stage_that_fails_is_not_recorded_as_done():
         raise RuntimeError("mirror unreachable")
     assert [record["name"] for record in steps.records] == ["lock"]
     assert steps.records[0]["seconds"] >= 0
+    assert [line.split(" in ")[0] for line in steps.progress.lines] == [
+        "lock",
+        "lock done",
+        "base",
+    ]
 
 
 @pytest.mark.e2e
