@@ -6,6 +6,7 @@ exists to catch."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,14 +44,26 @@ def failed(results: list[CheckResult]) -> dict[str, str]:
     return {r.name: r.detail for r in results if r.status != PASSED}
 
 
-@pytest.fixture(scope="session")
-def loaded(tmp_path_factory) -> LoadedProfile:
-    # The delivered profile names its sample notebook beside itself; the notebook is the
-    # demo's own (kept out of tests/, where ruff would lint it as code).
-    folder = tmp_path_factory.mktemp("delivery")
+def copy_delivery(folder: Path) -> Path:
+    """The recorded delivery's parts in `folder`, loadable on any machine. The delivered profile
+    names its sample notebook beside itself (the demo's own, kept out of tests/, where ruff
+    would lint it as code) and its channel by the recording machine's cache path, which the
+    checks never read: it is pointed at a folder inside the copy."""
     shutil.copytree(DELIVERY, folder, dirs_exist_ok=True)
     (folder / "notebooks").mkdir()
     shutil.copy(REPO / "profiles" / "notebooks" / "demo-credit-score.ipynb", folder / "notebooks")
+    (folder / "channel").mkdir()
+    profile = folder / "profile.yaml"
+    text = profile.read_text()
+    recorded_channel = re.search(r"^  - (file://\S+)$", text, flags=re.MULTILINE)
+    assert recorded_channel, "the recorded profile names no local channel"
+    profile.write_text(text.replace(recorded_channel.group(1), "channel"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def loaded(tmp_path_factory) -> LoadedProfile:
+    folder = copy_delivery(tmp_path_factory.mktemp("delivery"))
     return load_profile(folder / "profile.yaml")
 
 

@@ -4,7 +4,6 @@ written, and FACTORY_RECORD_COMMANDS records the run."""
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ import pytest
 from factory.validate import SUITES, run, validate_delivery
 from factory.validate.recording import RECORD_ENV
 from factory.validate.target import ScriptedTarget
-from tests.validate.conftest import DELIVERY, REPO, recording
+from tests.validate.conftest import DELIVERY, copy_delivery, recording
 
 FORWARDS = {22: 40022, 80: 40080, 443: 40443, 9100: 49100, 7777: 47777}
 
@@ -21,11 +20,8 @@ FORWARDS = {22: 40022, 80: 40080, 443: 40443, 9100: 49100, 7777: 47777}
 @pytest.fixture
 def delivery(tmp_path, monkeypatch) -> tuple[Path, dict]:
     """A delivery folder whose OVA 'boots' into the recording; `seen` tells what was asked."""
-    folder = tmp_path / "demo_hello_v1"
-    shutil.copytree(DELIVERY, folder)
+    folder = copy_delivery(tmp_path / "demo_hello_v1")
     (folder / "report.json").unlink()  # the run writes its own
-    (folder / "notebooks").mkdir()
-    shutil.copy(REPO / "profiles" / "notebooks" / "demo-credit-score.ipynb", folder / "notebooks")
     (folder / "demo_hello_v1.ova").write_bytes(b"")
     seen: dict = {}
 
