@@ -59,7 +59,6 @@ def run_packer(
 ) -> None:
     """Run `packer build`, streaming its log to a file and its steps to the progress line.
     Past `time_limit_minutes` packer and everything it started are stopped."""
-    progress.set_stage("packer build")
     command = ["packer", "build", "-machine-readable", "-on-error=cleanup"]
     command += ["-var-file=image.pkrvars.hcl", "image.pkr.hcl"]
     with open(log_path, "a") as log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from factory.cache import sha256_file
@@ -27,8 +28,16 @@ def relative_name(out_dir: Path, artifact: Path) -> str:
     return name
 
 
-def write_checksums(out_dir: Path, artifacts: list[Path]) -> Path:
-    """Write out_dir/SHA256SUMS, streaming each file through sha256."""
+def digests_of(artifacts: list[Path]) -> dict[Path, str]:
+    """The sha256 of each file, streamed (disk images do not fit in memory)."""
+    return {Path(path): sha256_file(path) for path in artifacts}
+
+
+def write_checksums(
+    out_dir: Path, artifacts: list[Path], digests: Mapping[Path, str] | None = None
+) -> Path:
+    """Write out_dir/SHA256SUMS; `digests` (from digests_of) spares hashing the files again."""
     out_dir = Path(out_dir)
-    lines = [f"{sha256_file(path)}  {relative_name(out_dir, path)}\n" for path in artifacts]
+    digests = digests or digests_of(artifacts)
+    lines = [f"{digests[Path(path)]}  {relative_name(out_dir, path)}\n" for path in artifacts]
     return write_text_atomically(out_dir / "SHA256SUMS", "".join(lines))

@@ -8,7 +8,7 @@ import concurrent.futures
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,8 +17,7 @@ from pathlib import Path
 import yaml
 
 from factory import __version__, boxes, export, updates
-from factory.cache import sha256_file
-from factory.checksums import relative_name, write_checksums
+from factory.checksums import digests_of, relative_name, write_checksums
 from factory.errors import FactoryError
 from factory.files import file_lock, replace_path, write_text_atomically
 from factory.handover import write_handover
@@ -66,7 +65,6 @@ class Delivery:
     qcow2 = _Part("{name}.qcow2")
     profile = _Part("profile.yaml")
     manifest = _Part("manifest.json")
-    checksums = _Part("SHA256SUMS")
     locks = _Part("locks")
     build_dir = _Part("build")
     build_log = _Part("build.log")
@@ -112,8 +110,9 @@ def open_delivery(path: Path) -> OpenDelivery:
 
 def fill(
     loaded: LoadedProfile, staging: Path, ova_digest: str, progress: Progress
-) -> tuple[Delivery, list[Path]]:
-    """Turn a staging folder's packer output into the delivery's parts, in staging/delivery."""
+) -> tuple[Delivery, dict[Path, str]]:
+    """Turn a staging folder's packer output into the delivery's parts, in staging/delivery;
+    returns it with its artifacts' sha256 (for the manifest, so they are hashed once)."""
     delivery = Delivery(staging / "delivery", loaded.name)
     delivery.path.mkdir()
     built = staging / "packer-output" / f"{loaded.name}.qcow2"
@@ -127,7 +126,8 @@ def fill(
         export.export_ova(built, hardware, delivery.path, digest=ova_digest, log=progress.log)
         compressing.result()
     built.unlink()
-    write_checksums(delivery.path, delivery.artifacts)
+    digests = digests_of(delivery.artifacts)
+    write_checksums(delivery.path, delivery.artifacts, digests)
     write_delivered_profile(loaded, delivery)
     write_handover(loaded, delivery.path)
     shutil.copytree(lock_dir_for(loaded), delivery.locks)
@@ -137,7 +137,7 @@ def fill(
     shutil.copytree(build_dir, delivery.build_dir)
     shutil.copy2(staging / "build.log", delivery.build_log)
     shutil.copy2(staging / updates.INDEX_FILE, delivery.security_index)
-    return delivery, delivery.artifacts
+    return delivery, digests
 
 
 def keep_private(delivery: Delivery) -> None:
@@ -227,11 +227,14 @@ def _utc_iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _artifact_records(out_dir: Path, artifacts: list[Path]) -> list[dict]:
+def _artifact_records(
+    out_dir: Path, artifacts: list[Path], digests: Mapping[Path, str] | None = None
+) -> list[dict]:
+    digests = digests or digests_of(artifacts)
     return [
         {
             "name": relative_name(out_dir, path),
-            "sha256": sha256_file(path),
+            "sha256": digests[path],
             "size": path.stat().st_size,
         }
         for path in map(Path, artifacts)
@@ -248,6 +251,7 @@ def write_build_manifest(
     finished: datetime,
     stages: list[dict] | None = None,
     extra: dict | None = None,
+    digests: Mapping[Path, str] | None = None,
 ) -> Path:
     """Write out_dir/manifest.json, the sidecar record of what was built, from what, how,
     and how long each stage of the pipeline took."""
@@ -258,7 +262,7 @@ def write_build_manifest(
     record = {
         "factory_version": __version__,
         "profile_sha256": profile_sha256,
-        "artifacts": _artifact_records(out_dir, artifacts),
+        "artifacts": _artifact_records(out_dir, artifacts, digests),
         "git": _git_state(),
         "tool_versions": dict(tool_versions),
         "build": {
@@ -276,9 +280,10 @@ def write_build_manifest(
 
 def record_artifacts(delivery: Delivery) -> None:
     """After a re-export: SHA256SUMS and manifest.json list the artifacts as they are now."""
-    write_checksums(delivery.path, delivery.artifacts)
+    digests = digests_of(delivery.artifacts)
+    write_checksums(delivery.path, delivery.artifacts, digests)
     manifest = json.loads(delivery.manifest.read_text())
-    manifest["artifacts"] = _artifact_records(delivery.path, delivery.artifacts)
+    manifest["artifacts"] = _artifact_records(delivery.path, delivery.artifacts, digests)
     write_text_atomically(delivery.manifest, json.dumps(manifest, indent=2) + "\n")
 
 

@@ -27,7 +27,8 @@ from factory.build import PACKER_TIME_LIMIT_MINUTES, run_packer
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
 from factory.errors import FactoryError
-from factory.files import replace_path
+from factory.files import replace_path, staging_dir
+from factory.host import VMSize
 from factory.keys import ephemeral_keypair
 from factory.profile import LoadedProfile
 from factory.progress import Progress
@@ -135,16 +136,18 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
         check_free_disk(outputs, loaded)
         assemble.check_host()
         accelerator = kvm.choose_accelerator(options.accelerator)
+        vm = build_vm_size(loaded)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=outputs))
         try:
             with Progress() as progress:
                 steps = Steps(progress)
-                _preflight(loaded, accelerator, progress)
-                staged = _run_stages(loaded, options, accelerator, staging, steps)
+                _preflight(loaded, accelerator, vm, progress)
+                staged, digests = _run_stages(loaded, options, accelerator, vm, staging, steps)
             delivery.write_build_manifest(
                 staged.path,
                 profile_sha256=loaded.sha256,
                 artifacts=staged.artifacts,
+                digests=digests,
                 tool_versions=tool_versions(),
                 started=started,
                 finished=datetime.now(UTC),
@@ -168,10 +171,10 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
     return final.path
 
 
-def _preflight(loaded: LoadedProfile, accelerator: str, progress: Progress) -> None:
+def _preflight(loaded: LoadedProfile, accelerator: str, vm: VMSize, progress: Progress) -> None:
     progress.set_stage("pre-flight")
     progress.update(f"accelerator {accelerator}")
-    vm, resources = build_vm_size(loaded), loaded.profile.resources
+    resources = loaded.profile.resources
     progress.log(
         f"build VM: {vm.cpus} CPUs, {vm.memory_mib} MiB, CPU model "
         f"{cpu.build_cpu_model(accelerator)} (the delivered VM: {resources.cpus} "
@@ -183,9 +186,10 @@ def _run_stages(
     loaded: LoadedProfile,
     options: BuildOptions,
     accelerator: str,
+    vm: VMSize,
     staging: Path,
     steps: Steps,
-) -> Delivery:
+) -> tuple[Delivery, dict[Path, str]]:
     progress, step = steps.progress, steps.step
     with step("lock"):
         locks = lock_profile(loaded, log=progress.log, locked=options.locked)
@@ -206,14 +210,14 @@ def _run_stages(
             build_key=key,
             packer_version=packer_version(),
             host_stages=(assemble.HOST_STAGE,),
-            vm=build_vm_size(loaded),
+            vm=vm,
         )
         with step("render"):
             build_dir = render_build_dir(loaded, inputs, staging / "build")
         with step("bundle"):
             payload = build_dir / "payload"
             build_payload(locks, payload, log=progress.log, conda_installer=conda_installer)
-            check_free_disk(options.outputs.resolve(), loaded, payload_size_gib(payload))
+            check_free_disk(staging.parent, loaded, payload_size_gib(payload))
         with step("environments", log="build.log"):
             assemble.assemble_environments(
                 base_image,
@@ -234,8 +238,7 @@ def _run_stages(
                 options.time_limit_minutes,
             )
     with step("export"):
-        staged, _ = delivery.fill(loaded, staging, options.ova_digest, progress)
-    return staged
+        return delivery.fill(loaded, staging, options.ova_digest, progress)
 
 
 def render_target(outputs: Path, loaded: LoadedProfile, into: Path | None = None) -> Path:
@@ -263,25 +266,20 @@ def render_for_review(loaded: LoadedProfile, outputs: Path, into: Path | None = 
     build would use, checked by `packer validate`, replaced in one rename, without the
     client's TLS files (as in the delivery's copy of the build folder)."""
     target = render_target(outputs, loaded, into)
-    with build_lock(outputs.resolve(), loaded.name):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".render-{loaded.name}-", dir=target.parent))
-        try:
-            base_image = loaded.profile.base
-            with ephemeral_keypair("factory-render") as key:
-                inputs = BuildInputs(
-                    base_image=base_image if isinstance(base_image, str) else base_image.url,
-                    base_image_checksum="none",
-                    accelerator="tcg",
-                    output_directory=str(target / "packer-output"),
-                    console_log=str(target / "console.log"),
-                    build_key=key,
-                    packer_version=packer_version(),
-                )
-                build_dir = render_build_dir(loaded, inputs, scratch / "build")
-            for name in delivery.UNDELIVERED_PAYLOAD_DIRS:
-                shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
-            replace_path(build_dir, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    with build_lock(outputs.resolve(), loaded.name), staging_dir(target.parent) as scratch:
+        base_image = loaded.profile.base
+        with ephemeral_keypair("factory-render") as key:
+            inputs = BuildInputs(
+                base_image=base_image if isinstance(base_image, str) else base_image.url,
+                base_image_checksum="none",
+                accelerator="tcg",
+                output_directory=str(target / "packer-output"),
+                console_log=str(target / "console.log"),
+                build_key=key,
+                packer_version=packer_version(),
+            )
+            build_dir = render_build_dir(loaded, inputs, scratch / "build")
+        for name in delivery.UNDELIVERED_PAYLOAD_DIRS:
+            shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+        replace_path(build_dir, target)
     return target

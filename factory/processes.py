@@ -78,11 +78,6 @@ def stop(
     process.wait()
 
 
-def stop_gently(process: subprocess.Popen, grace_seconds: float) -> None:
-    """SIGTERM to the process alone, SIGKILL after `grace_seconds` (see stop)."""
-    stop(process, group=False, grace=grace_seconds)
-
-
 def _leave_hung_up_terminal() -> None:
     """After a hang-up every write to the terminal fails (EIO), which would cut the cleanup
     short: send stdout and stderr to /dev/null when they are a terminal."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from factory.cache import sha256_file
 from factory.pipeline import Steps
 from tests.conftest import run_factory
 
@@ -60,3 +61,12 @@ def test_the_manifest_records_every_stage_of_a_real_build(demo_delivery: Path):
     assert seconds["packer"] > 10 and seconds["environments"] > 1
     assert sum(seconds.values()) <= manifest["build"]["duration_s"] + 1
     assert {stage["log"] for stage in stages} <= {None, "build.log"}
+    # The artifacts are hashed once for SHA256SUMS and the manifest: both name the files' sha256.
+    sums = dict(
+        reversed(line.split("  "))
+        for line in (demo_delivery / "SHA256SUMS").read_text().split("\n")
+        if line
+    )
+    for artifact in manifest["artifacts"]:
+        assert artifact["sha256"] == sums[artifact["name"]]
+        assert artifact["sha256"] == sha256_file(demo_delivery / artifact["name"])
