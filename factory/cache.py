@@ -11,6 +11,7 @@ their inputs, and downloads stored under their sha256.
       rattler/                   py-rattler's repodata cache
       probes/                    KVM probe verdicts and the kernels they boot
       channels/                  local conda channels (the demo's, the tests')
+      layers/                    build layers: qcow2 overlays keyed by their inputs (factory.layers)
 """
 
 import hashlib
@@ -31,7 +32,10 @@ INSTALLER = "installer"
 RATTLER = "rattler"
 PROBES = "probes"
 CHANNELS = "channels"
-SUBFOLDERS = (BASE, DOWNLOADS, PKGS, WHEELS, CONDA_INSTALLERS, INSTALLER, RATTLER, PROBES, CHANNELS)
+LAYERS = "layers"
+SUBFOLDERS = (
+    BASE, DOWNLOADS, PKGS, WHEELS, CONDA_INSTALLERS, INSTALLER, RATTLER, PROBES, CHANNELS, LAYERS,
+)  # fmt: skip
 
 
 def set_cache_dir(path: Path | None) -> None:
