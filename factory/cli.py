@@ -17,6 +17,8 @@ import click
 
 from factory import __version__
 from factory.cache import set_cache_dir
+from factory.cli_build import build
+from factory.cli_cache import cache
 from factory.cli_options import (
     EXPORT_FORMATS,
     PipelineGroup,
@@ -85,6 +87,10 @@ def doctor(refresh: bool) -> None:
             click.echo(f"{'':8} fix: {check.fix}")
     if any(c.required and not c.ok for c in checks):
         raise FactoryError("this host cannot build images yet; run the fixes above")
+
+
+cli.add_command(build)
+cli.add_command(cache)
 
 
 @cli.command()
@@ -182,72 +188,6 @@ def render(profile: Path, outputs: Path, into: Path | None) -> None:
 
     target = render_for_review(load_profile(profile), outputs, into)
     click.echo(f"rendered and validated {target}")
-
-
-@cli.command()
-@click.argument("profile", type=click.Path(path_type=Path))
-@outputs_option
-@click.option(
-    "--accelerator",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "kvm", "tcg"]),
-    help="QEMU accelerator; auto uses KVM only where it really boots a guest.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing delivery of this version.")
-@click.option(
-    "--locked",
-    is_flag=True,
-    help="Refuse to build when a lock is missing or stale instead of solving again (for CI "
-    "and committed locks).",
-)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(min=1),
-    envvar="FACTORY_BUILD_TIME_LIMIT",
-    help="Minutes `packer build` may run before it is stopped (default 240); each "
-    "provisioner also stops after PKR_VAR_provisioner_timeout (default 90m).",
-)
-@ova_digest_option
-@format_option("ova")
-@box_url_option
-def build(
-    profile: Path,
-    outputs: Path,
-    accelerator: str,
-    force: bool,
-    locked: bool,
-    time_limit: float | None,
-    ova_digest: str,
-    formats: str,
-    box_url: str | None,
-) -> None:
-    """Pre-flight, lock, render, packer build and export one profile."""
-    from factory.boxes import BOX_FORMATS, check_box_url, parse_formats
-    from factory.build import PACKER_TIME_LIMIT_MINUTES
-    from factory.delivery import reexport
-    from factory.pipeline import BuildOptions, build_image
-    from factory.profile import load_profile
-    from factory.progress import Progress
-
-    # The OVA and the qcow2 are always written; --format adds the Vagrant boxes.
-    boxes = [f for f in parse_formats(formats, EXPORT_FORMATS) if f in BOX_FORMATS]
-    check_box_url(box_url)
-    loaded = load_profile(profile)
-    started = time.monotonic()
-    options = BuildOptions(
-        outputs=outputs,
-        accelerator=accelerator,
-        force=force,
-        locked=locked,
-        ova_digest=ova_digest,
-        time_limit_minutes=time_limit or PACKER_TIME_LIMIT_MINUTES,
-    )
-    final = build_image(loaded, options)
-    if boxes:
-        with Progress() as progress:
-            reexport(final, ova_digest=None, box_formats=boxes, box_url=box_url, progress=progress)
-    click.echo(f"built {loaded.name} in {time.monotonic() - started:.0f} s: {final}")
 
 
 @cli.command("export")
@@ -404,6 +344,9 @@ def _run() -> None:
     except click.exceptions.Abort:
         _err("interrupted; nothing was published")
         sys.exit(130)
+    except click.BadParameter as error:  # one line: the option, the value, what it accepts
+        _err(f"error: {error.format_message()}")
+        sys.exit(error.exit_code)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)

@@ -74,23 +74,37 @@ def digest_tree(folder: Path) -> str:
     return digest_files([p for p in folder.rglob("*") if p.is_file()], root=folder)
 
 
+class SizeError(FactoryError, ValueError):
+    """A size that parse_size cannot read (a ValueError, and one line for the CLI)."""
+
+
 def parse_size(text: str) -> int:
     """'60G', '512M' or a number of bytes."""
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = value[-1:] if value[-1:] in _UNITS else ""
     try:
-        return int(float(value.removesuffix(unit)) * _UNITS[unit])
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size; write it as 60G, 512M or bytes") from None
+        size = int(float(value.removesuffix(unit)) * _UNITS[unit])
+    except (ValueError, OverflowError):  # OverflowError: 'inf', '1e999'
+        size = -1
+    if size < 0:
+        raise SizeError(f"{text!r} is not a size; write it as 60G, 512M or bytes")
+    return size
 
 
 def cache_max_bytes() -> int:
-    return parse_size(os.environ.get(CACHE_MAX_ENV_VAR) or DEFAULT_CACHE_MAX)
+    text = os.environ.get(CACHE_MAX_ENV_VAR) or DEFAULT_CACHE_MAX
+    try:
+        return parse_size(text)
+    except SizeError:
+        raise SizeError(
+            f"${CACHE_MAX_ENV_VAR}={text!r} is not a size; set it to 60G, 512M or bytes"
+        ) from None
 
 
 class LayerStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or cache.cache_subdir(cache.LAYERS)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def image(self, layer: Layer) -> Path:
         if layer.image is not None:
@@ -193,9 +207,11 @@ class LayerStore:
         for record in reversed(entries):  # oldest use first
             if total <= max_bytes:
                 break
-            if record["key"] in keep or not self._idle(record["key"]):
-                continue
             if any(r["key"] == record["key"] for r in removed):
+                continue
+            # Removing a layer removes what stands on it: spare it when any of those is kept.
+            family = {record["key"], *_descendants(record["key"], entries)}
+            if family & keep or not all(self._idle(key) for key in family):
                 continue
             gone = set(self.remove(record["key"]))
             for entry in entries:
@@ -213,6 +229,11 @@ class LayerStore:
                 return True
         except FactoryError:
             return False
+
+
+def _descendants(key: str, entries: list[dict]) -> set[str]:
+    children = {r["key"] for r in entries if r.get("parent") == key}
+    return children.union(*(_descendants(child, entries) for child in children))
 
 
 @dataclass(frozen=True)
