@@ -109,13 +109,13 @@ def open_delivery(path: Path) -> OpenDelivery:
 
 
 def fill(
-    loaded: LoadedProfile, staging: Path, ova_digest: str, progress: Progress
+    loaded: LoadedProfile, staging: Path, built: Path, ova_digest: str, progress: Progress
 ) -> tuple[Delivery, dict[Path, str]]:
-    """Turn a staging folder's packer output into the delivery's parts, in staging/delivery;
-    returns it with its artifacts' sha256 (for the manifest, so they are hashed once)."""
+    """Turn the built image (the top of its layer chain, read through its backing files) into
+    the delivery's parts, in staging/delivery; returns it with its artifacts' sha256 (for the
+    manifest, so they are hashed once)."""
     delivery = Delivery(staging / "delivery", loaded.name)
     delivery.path.mkdir()
-    built = staging / "packer-output" / f"{loaded.name}.qcow2"
     hardware = export.virtual_hardware(loaded)
     # Both conversions compress on one core each: run them side by side.
     progress.update("writing the OVA and the compressed qcow2")
@@ -125,7 +125,6 @@ def fill(
         )
         export.export_ova(built, hardware, delivery.path, digest=ova_digest, log=progress.log)
         compressing.result()
-    built.unlink()
     digests = digests_of(delivery.artifacts)
     write_checksums(delivery.path, delivery.artifacts, digests)
     write_delivered_profile(loaded, delivery)

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ class LayerStore:
         """Move a finished overlay into the store (same filesystem: one rename), then write
         its manifest, which marks it complete."""
         target = self.image(layer)
-        os.replace(image, target)
+        incoming = self.root / f".incoming-{layer.key}-{os.getpid()}"
+        shutil.move(image, incoming)  # a copy when the build ran on another file system
+        os.replace(incoming, target)
         now = time.time()
         record = {
             "key": layer.key,

@@ -1,6 +1,9 @@
 """The chain, in the order it runs:
 
-    lock -> installer -> base -> render -> bundle -> environments -> packer -> export -> publish
+    lock -> installer -> base -> render -> bundle -> layers -> export -> publish
+
+The layers (factory.chain) are system, conda, one per environment and client; each is taken
+from the layer store when its key is there, otherwise made and stored.
 
 Every stage runs through `Steps.step`, which names it on the progress line, times it and
 records it; manifest.json keeps the record (`stages`). All work happens in a private staging
@@ -22,14 +25,15 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from factory import assemble, base, cpu, delivery, export, gpu, kvm, tools
-from factory.build import PACKER_TIME_LIMIT_MINUTES, run_packer
+from factory import assemble, base, chain, cpu, delivery, export, gpu, kvm, tools
+from factory.build import PACKER_TIME_LIMIT_MINUTES
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
 from factory.errors import FactoryError
 from factory.files import replace_path, staging_dir
 from factory.host import VMSize
-from factory.keys import ephemeral_keypair
+from factory.keys import KeyPair, ephemeral_keypair
+from factory.layers import LayerStatus, LayerStore, cache_max_bytes, explain
 from factory.profile import LoadedProfile
 from factory.progress import Progress
 from factory.render import BuildInputs, build_vm_size, render_build_dir
@@ -199,46 +203,71 @@ def _run_stages(
         conda_installer = fetch_conda_installer(*source, log=progress.log) if source else None
     with step("base"):
         base_image = base_image_for(loaded, progress)
+    store = LayerStore()
     with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
-        inputs = BuildInputs(
-            base_image=str(staging / "assembled.qcow2"),
-            # Made in this staging folder by the environments stage, from the verified base.
-            base_image_checksum="none",
-            accelerator=accelerator,
-            output_directory=str(staging / "packer-output"),
-            console_log=str(staging / "console.log"),
-            build_key=key,
-            packer_version=packer_version(),
-            host_stages=(assemble.HOST_STAGE,),
-            vm=vm,
-        )
+        inputs = _build_inputs(staging, accelerator, key, vm)
         with step("render"):
-            build_dir = render_build_dir(loaded, inputs, staging / "build")
+            build_dir = render_build_dir(loaded, inputs, staging / "build", validate=False)
         with step("bundle"):
             payload = build_dir / "payload"
             build_payload(locks, payload, log=progress.log, conda_installer=conda_installer)
             check_free_disk(staging.parent, loaded, payload_size_gib(payload))
-        with step("environments", log="build.log"):
-            assemble.assemble_environments(
-                base_image,
-                loaded.profile.resources.disk,
-                build_dir,
-                staging,
-                log=progress.update,
-                log_file=staging / "build.log",
-            )
-            for name in delivery.HOST_ONLY_PAYLOAD_DIRS:
-                shutil.rmtree(payload / name, ignore_errors=True)
-        with step("packer", log="build.log"):
-            run_packer(
-                build_dir,
-                key.private_key_file,
-                staging / "build.log",
-                progress,
-                options.time_limit_minutes,
-            )
+        layers = chain.plan(loaded, base_image, build_dir)
+        for status in explain(layers[1:], store):
+            progress.log(f"layer {status.layer.name}: {'hit' if status.hit else 'miss'}"
+                         f"{'' if status.hit else ' (' + status.why + ')'}")  # fmt: skip
+        job = chain.LayerBuild(
+            loaded, build_dir, staging, key, progress, options.time_limit_minutes, store
+        )
+        image = base_image
+        for layer in layers[1:]:
+            with step(layer.name, log="build.log"):
+                image = chain.ensure(layer, image, job)
+    chain.write_security_index(layers, store, staging)
+    (staging / "build.log").touch()
     with step("export"):
-        return delivery.fill(loaded, staging, options.ova_digest, progress)
+        filled = delivery.fill(loaded, staging, image, options.ova_digest, progress)
+    removed = store.prune(cache_max_bytes(), keep=frozenset(layer.key for layer in layers))
+    if removed:
+        freed = sum(record["bytes"] for record in removed) / 2**30
+        progress.log(f"cache: {len(removed)} least recently used layers removed ({freed:.1f} GiB)")
+    return filled
+
+
+def _build_inputs(staging: Path, accelerator: str, key: KeyPair, vm: VMSize | None) -> BuildInputs:
+    return BuildInputs(
+        # The system layer's starting point, made by chain._make_system from the base.
+        base_image=str(staging / "system.qcow2"),
+        base_image_checksum="none",
+        accelerator=accelerator,
+        output_directory=str(staging / "packer-output"),
+        console_log=str(staging / "console.log"),
+        build_key=key,
+        packer_version=packer_version(),
+        vm=vm,
+    )
+
+
+def explain_build(loaded: LoadedProfile, options: BuildOptions) -> list[LayerStatus]:
+    """Each layer of the build, stored or not and why, without building anything (the lock
+    is solved when it is stale, and the packages are fetched to key the environments)."""
+    locks = lock_profile(loaded, log=lambda line: None, locked=options.locked)
+    spec = loaded.profile.base
+    if isinstance(spec, str):
+        base_image = base.debian_base_image(spec, extra_packages=gpu_base_packages(loaded),
+                                            build=False)  # fmt: skip
+    else:
+        base_image = base.cloud_base_image(spec.url, spec.sha256, build=False)
+    with staging_dir(options.outputs.resolve()) as scratch:
+        with ephemeral_keypair("factory-explain") as key:
+            inputs = _build_inputs(scratch, "tcg", key, None)
+            build_dir = render_build_dir(loaded, inputs, scratch / "build", validate=False)
+        source = loaded.profile.conda.installer_source()
+        conda_installer = fetch_conda_installer(*source, log=lambda line: None) if source else None
+        build_payload(locks, build_dir / "payload", log=lambda line: None,
+                      conda_installer=conda_installer)  # fmt: skip
+        layers = chain.plan(loaded, base_image, build_dir)
+        return explain(layers, LayerStore())
 
 
 def render_target(outputs: Path, loaded: LoadedProfile, into: Path | None = None) -> Path:

@@ -27,18 +27,22 @@ from factory.resources import PROVISIONERS_DIR
 from factory.seed import meta_data, temporary_login, write_seed_files
 from factory.templates import render_template
 
-# Ordered stages: each later stage depends on the ones before it (for layer caching). The
-# conda stage runs on the host before the VM boots (BuildInputs.host_stages).
-STAGE_SCRIPTS = [
-    "10-system.sh",
-    "12-security.sh",
-    "14-monitoring.sh",
-    "15-gpu.sh",
-    "20-conda-envs.sh",
-    "30-jupyter.sh",
-    "50-client-files.sh",
+# Ordered stages. The guest stages run in the build VM (the system layer); the host stages run
+# after it, in a chroot of the image on the build host (factory/chain.py), one layer each.
+GUEST_SCRIPTS = ["10-system.sh", "12-security.sh", "14-monitoring.sh", "15-gpu.sh", "30-jupyter.sh"]
+CONDA_SCRIPT = "20-conda-envs.sh"
+HOST_SCRIPTS = [CONDA_SCRIPT, "40-jupyter-client.sh", "50-client-files.sh"]
+JUPYTER_STAGES = ["30-jupyter.sh", "40-jupyter-client.sh", "50-client-files.sh"]
+# The payload files the guest stages read: the only ones uploaded to the build VM.
+GUEST_PAYLOAD_FILES = [
+    "settings.sh",
+    "admin_authorized_keys",
+    "seal.sh",
+    "factory-firstboot",
+    "factory-firstboot.service",
+    "factory-rotate-token",
+    "prometheus.yml",
 ]
-JUPYTER_STAGES = ["30-jupyter.sh", "50-client-files.sh"]
 PAYLOAD_FILES = [
     "install_env.py",
     "factory-env",
@@ -60,8 +64,9 @@ class BuildInputs:
     console_log: str
     build_key: KeyPair
     packer_version: tuple[int, int, int] = (1, 6, 6)
-    # Stages already run on the host, into the base image (see factory.assemble).
-    host_stages: tuple[str, ...] = ()
+    # Every stage in the build VM, the whole payload uploaded: the plain one-template build
+    # (the benchmarks' baseline) instead of layers.
+    all_in_guest: bool = False
     # The build VM's size on this host; decided once, in pre-flight (build_vm_size).
     vm: host.VMSize | None = None
 
@@ -72,13 +77,20 @@ def build_vm_size(loaded: LoadedProfile) -> host.VMSize:
     return host.local_vm_size(resources.cpus, resources.memory, resources.build_memory)
 
 
-def stage_scripts(loaded: LoadedProfile) -> list[str]:
-    scripts = list(STAGE_SCRIPTS)
+def stage_scripts(loaded: LoadedProfile, scripts: list[str]) -> list[str]:
+    """The profile's share of `scripts`: no Jupyter stages without Jupyter, no GPU stage
+    without a GPU."""
     if not loaded.profile.jupyter.enabled:
         scripts = [name for name in scripts if name not in JUPYTER_STAGES]
     if loaded.profile.gpu is None:
-        scripts.remove("15-gpu.sh")
+        scripts = [name for name in scripts if name != "15-gpu.sh"]
     return scripts
+
+
+def guest_scripts(loaded: LoadedProfile, inputs: BuildInputs) -> list[str]:
+    if inputs.all_in_guest:
+        return stage_scripts(loaded, sorted(GUEST_SCRIPTS + HOST_SCRIPTS))
+    return stage_scripts(loaded, GUEST_SCRIPTS)
 
 
 def build_vm_needs_network(loaded: LoadedProfile) -> bool:
@@ -90,17 +102,18 @@ def build_vm_needs_network(loaded: LoadedProfile) -> bool:
     return not profile.offline and (profile.monitoring.prometheus or gpu_in_guest)
 
 
-def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs) -> str:
+def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs, payload: Path) -> str:
+    if inputs.all_in_guest:
+        uploads = [""]
+    else:
+        uploads = [name for name in GUEST_PAYLOAD_FILES if (payload / name).is_file()]
     return render_template(
         "image.pkr.hcl.j2",
         payload_dir=str(image_layout.PAYLOAD_DIR),
         guest_network=build_vm_needs_network(loaded),
         modern_packer=inputs.packer_version >= (1, 7, 0),
-        scripts=[
-            f"provisioners/{name}"
-            for name in stage_scripts(loaded)
-            if name not in inputs.host_stages
-        ],
+        uploads=uploads,
+        scripts=[f"provisioners/{name}" for name in guest_scripts(loaded, inputs)],
     )
 
 
@@ -170,17 +183,12 @@ def render_settings(loaded: LoadedProfile) -> str:
     )
 
 
-def render_build_dir(loaded: LoadedProfile, inputs: BuildInputs, build_dir: Path) -> Path:
-    """Write the complete build directory and check it; return its path."""
+def render_build_dir(
+    loaded: LoadedProfile, inputs: BuildInputs, build_dir: Path, validate: bool = True
+) -> Path:
+    """Write the complete build directory and parse it back; with `validate`, also run
+    `packer validate` (a build does that only when it runs packer). Return its path."""
     build_dir.mkdir(parents=True, exist_ok=True)
-    (build_dir / "image.pkr.hcl").write_text(render_packer_template(loaded, inputs))
-    (build_dir / "image.pkrvars.hcl").write_text(render_pkrvars(loaded, inputs))
-    seed = render_seed(loaded, inputs)
-    write_seed_files(build_dir / "seed", seed["user-data"], seed["meta-data"])
-    scripts = build_dir / "provisioners"
-    scripts.mkdir(exist_ok=True)
-    for name in stage_scripts(loaded):
-        shutil.copy2(PROVISIONERS_DIR / name, scripts / name)
     payload = build_dir / "payload"
     payload.mkdir(exist_ok=True)
     for name in PAYLOAD_FILES:
@@ -188,8 +196,17 @@ def render_build_dir(loaded: LoadedProfile, inputs: BuildInputs, build_dir: Path
     (payload / "settings.sh").write_text(render_settings(loaded))
     (payload / "admin_authorized_keys").write_text("\n".join(loaded.profile.admin.ssh_keys) + "\n")
     write_client_files(loaded, payload)
+    (build_dir / "image.pkr.hcl").write_text(render_packer_template(loaded, inputs, payload))
+    (build_dir / "image.pkrvars.hcl").write_text(render_pkrvars(loaded, inputs))
+    seed = render_seed(loaded, inputs)
+    write_seed_files(build_dir / "seed", seed["user-data"], seed["meta-data"])
+    scripts = build_dir / "provisioners"
+    scripts.mkdir(exist_ok=True)
+    for name in stage_scripts(loaded, GUEST_SCRIPTS + HOST_SCRIPTS):
+        shutil.copy2(PROVISIONERS_DIR / name, scripts / name)
     parse_hcl_files(build_dir)
-    packer_validate(build_dir, inputs.build_key.private_key_file)
+    if validate:
+        packer_validate(build_dir, inputs.build_key.private_key_file)
     return build_dir
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage: Jupyter Lab as a systemd service of the unprivileged user `jupyter`, bound to 127.0.0.1,
-# with nginx in front serving HTTPS on 443 (and redirecting HTTP).
+# with nginx in front serving HTTPS on 443 (and redirecting HTTP). Part of the system layer: the
+# kernels and the client's TLS files come later, with the environments (40-jupyter-client.sh).
 set -euo pipefail
 # shellcheck source=/dev/null
 . "$FACTORY_PAYLOAD/settings.sh"
@@ -10,14 +11,6 @@ if ! id jupyter >/dev/null 2>&1; then
     useradd --system --create-home --home-dir "$FACTORY_JUPYTER_HOME" --shell /usr/sbin/nologin jupyter
 fi
 install -d -m 750 -o jupyter -g jupyter "$FACTORY_NOTEBOOKS_DIR"
-
-for env in $ENVIRONMENTS; do
-    python="$FACTORY_CONDA_ENVS/$env/bin/python"
-    if [ "$env" != jupyter ] && "$python" -c 'import ipykernel' 2>/dev/null; then
-        "$python" -m ipykernel install --prefix "$FACTORY_CONDA_ENVS/jupyter" \
-            --name "$env" --display-name "Python ($env)"
-    fi
-done
 
 cat > /etc/systemd/system/jupyter.service <<UNIT
 [Unit]
@@ -103,9 +96,4 @@ After=factory-firstboot.service
 Requires=factory-firstboot.service
 UNIT
 install -d -m 755 "$FACTORY_TLS_DIR"
-if [ -s "$FACTORY_PAYLOAD/tls/jupyter.crt" ]; then
-    install -m 644 "$FACTORY_PAYLOAD/tls/jupyter.crt" "$FACTORY_TLS_CERTIFICATE"
-    install -m 600 "$FACTORY_PAYLOAD/tls/jupyter.key" "$FACTORY_TLS_KEY"
-    touch "$FACTORY_TLS_CLIENT_SUPPLIED"
-fi
 systemctl enable nginx.service

@@ -13,7 +13,8 @@ from factory.cache import sha256_file
 from factory.pipeline import Steps
 from tests.conftest import run_factory
 
-STAGES = ["lock", "installer", "base", "render", "bundle", "environments", "packer", "export"]
+STAGES = ["lock", "installer", "base", "render", "bundle", "system", "conda", "env demo",
+          "env jupyter", "client", "export"]  # fmt: skip
 
 
 def test_help_lists_the_pipeline_in_order_then_the_tools():
@@ -58,7 +59,8 @@ def test_the_manifest_records_every_stage_of_a_real_build(demo_delivery: Path):
     assert all(stage["seconds"] >= 0 for stage in stages)
     # The VM stages take real time; the sum never exceeds the whole build.
     seconds = {stage["name"]: stage["seconds"] for stage in stages}
-    assert seconds["packer"] > 10 and seconds["environments"] > 1
+    # Built cold or taken from the layer store by an earlier build of the same session.
+    assert all(seconds[name] >= 0 for name in ("system", "env demo", "client"))
     assert sum(seconds.values()) <= manifest["build"]["duration_s"] + 1
     assert {stage["log"] for stage in stages} <= {None, "build.log"}
     # The artifacts are hashed once for SHA256SUMS and the manifest: both name the files' sha256.

@@ -57,14 +57,18 @@ def test_demo_renders_and_packer_validates(tmp_path):
         for p in template["build"][0]["provisioner"]
         if "script" in p.get("shell", {})
     ]
+    # The build VM runs the system stages only; the rest run on the host, one layer each.
     assert scripts == [
         "provisioners/10-system.sh",
         "provisioners/12-security.sh",
         "provisioners/14-monitoring.sh",
-        "provisioners/20-conda-envs.sh",
         "provisioners/30-jupyter.sh",
-        "provisioners/50-client-files.sh",
     ]
+    uploads = [p["file"]["source"] for p in template["build"][0]["provisioner"] if "file" in p]
+    assert "payload/settings.sh" in uploads and "payload/seal.sh" in uploads
+    assert not any("channel" in u or "notebooks" in u or "tls" in u for u in uploads)
+    host_scripts = sorted(p.name for p in (build / "provisioners").glob("*.sh"))
+    assert {"20-conda-envs.sh", "40-jupyter-client.sh", "50-client-files.sh"} <= set(host_scripts)
     variables = parse_hcl((build / "image.pkrvars.hcl").read_text())
     assert variables["vm_name"] == "demo_hello_v1.qcow2"
     assert variables["disk_size"] == "8G"
@@ -93,7 +97,7 @@ def test_modern_packer_gets_required_plugins(tmp_path):
 
     with ephemeral_keypair("t") as key:
         inputs = BuildInputs("b", "none", "tcg", "o", "c", key, packer_version=(1, 11, 2))
-        text = render_packer_template(loaded, inputs)
+        text = render_packer_template(loaded, inputs, tmp_path)
     assert "required_plugins" in text
     assert parse_hcl(text)["packer"][0]["required_plugins"]
 

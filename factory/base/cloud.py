@@ -16,8 +16,11 @@ _IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".vmdk")
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
-def cloud_base_image(url: str, sha256: str, log: Callable[[str], None] = print) -> Path:
-    """Download (http/https/file URL) into the cache, verify sha256, return the cached path."""
+def cloud_base_image(
+    url: str, sha256: str, log: Callable[[str], None] = print, build: bool = True
+) -> Path:
+    """Download (http/https/file URL) into the cache, verify sha256, return the cached path
+    (with build=False: only the path, which may not exist yet)."""
     if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256.strip()):
         raise FactoryError(
             f"base.sha256: {sha256!r} is not a sha256 (64 hex digits); "
@@ -34,6 +37,8 @@ def cloud_base_image(url: str, sha256: str, log: Callable[[str], None] = print) 
     if suffix not in _IMAGE_SUFFIXES:
         suffix = ".qcow2"
     target = cache.cache_subdir(cache.DOWNLOADS) / f"{sha256}{suffix}"
+    if not build:
+        return target
     if target.exists():
         if cache.sha256_file(target) == sha256:
             return target

@@ -49,10 +49,11 @@ def debian_base_image(
     log: Log = print,
     rebuild: bool = False,
     extra_packages: tuple[str, ...] = (),
+    build: bool = True,
 ) -> Path:
-    """Return the cached qcow2 for a locally built Debian base, building it if absent.
-    `extra_packages` make a separate layer (e.g. the GPU driver, built by DKMS for the
-    image's kernel while the base is made)."""
+    """Return the cached qcow2 for a locally built Debian base, building it if absent (with
+    build=False: only its path, which may not exist yet). `extra_packages` make a separate
+    layer (e.g. the GPU driver, built by DKMS for the image's kernel while the base is made)."""
     if release not in DEBIAN_RELEASES:
         known = ", ".join(sorted(DEBIAN_RELEASES))
         raise FactoryError(f"base.release: unknown release {release!r}; use one of: {known}")
@@ -81,7 +82,8 @@ def debian_base_image(
     name = f"{release}-{inputs_key(inputs)}"
     image = base_dir / f"{name}.qcow2"
     sidecar = base_dir / f"{name}.json"
-
+    if not build:
+        return image
     if not rebuild and _cached_ok(image, sidecar, log):
         return image
 

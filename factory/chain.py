@@ -1,0 +1,248 @@
+"""A build's layers, in order, and how each is made:
+
+    base -> system -> conda -> env <name> (one per environment) -> client
+
+- base: the Debian or cloud base image (factory.base), already cached under its own key.
+- system: grown to the profile's disk and patched from the security suite on the host, then
+  booted by Packer for what needs a running system (users, sshd, firewall, audit, services,
+  first-boot unit) and sealed. Never a secret, never the delivery's name.
+- conda, env <name>: the installer, then each locked environment, installed on the host in a
+  chroot of the image at native speed; an environment's key is its lock.
+- client: the kernels, notebooks, the client's TLS files, the delivery's settings and name,
+  the offline channel; then the host's leftovers are removed and free space trimmed.
+
+Every layer's key chains its inputs to its parent's (factory.layers), so a build reuses the
+longest stored prefix and makes only what follows; a build stopped in layer k starts again
+from layer k.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from factory import assemble, cache, updates
+from factory.build import run_packer
+from factory.keys import KeyPair
+from factory.layers import Layer, LayerStore, digest_files
+from factory.processes import LoggedRunner
+from factory.profile import LoadedProfile
+from factory.progress import Progress
+from factory.render import CONDA_SCRIPT, GUEST_PAYLOAD_FILES, GUEST_SCRIPTS, packer_validate
+from factory.resolve import image_environments
+
+_SETTING = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)")
+_CLIENT_SCRIPTS = ("40-jupyter-client.sh", "50-client-files.sh")
+
+
+def _fingerprint(module: object) -> str:
+    """The source of the code that makes a layer: a change to it makes new layers."""
+    return cache.sha256_file(Path(module.__file__))
+
+
+def _guest_settings(build_dir: Path, scripts: list[Path]) -> dict[str, str]:
+    """The settings the guest stages read, and only those: the delivery's name or its
+    environments do not change what the system layer holds."""
+    referenced = set()
+    for script in scripts:
+        referenced |= set(_SETTING.findall(script.read_text()))
+    settings = {}
+    for line in (build_dir / "payload" / "settings.sh").read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name in referenced:
+            settings[name] = value
+    return settings
+
+
+def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer]:
+    """The chain of layers for a rendered and bundled build folder, root first."""
+    payload, provisioners = build_dir / "payload", build_dir / "provisioners"
+    profile = loaded.profile
+    base = Layer("base", {"image": base_image.name}, image=base_image)
+
+    guest = [provisioners / n for n in GUEST_SCRIPTS if (provisioners / n).is_file()]
+    guest.append(payload / "seal.sh")
+    system_inputs = {
+        "template": digest_files([build_dir / "image.pkr.hcl"]),
+        "scripts": digest_files(guest),
+        "settings": json.dumps(_guest_settings(build_dir, guest), sort_keys=True),
+        "payload": digest_files([p for n in GUEST_PAYLOAD_FILES if (p := payload / n).is_file()]),
+        "disk_gib": str(profile.resources.disk),
+        "host_code": _fingerprint(assemble),
+    }
+    if not isinstance(profile.base, str):
+        # A cloud image is patched when the system layer is made: once a day at most.
+        system_inputs["security_day"] = datetime.now(UTC).date().isoformat()
+    system = Layer("system", system_inputs, base)
+
+    conda_files = [provisioners / CONDA_SCRIPT, payload / "install_env.py", payload / "factory-env"]
+    conda_files += sorted((payload / "installer").glob("*.whl"))
+    conda_files += sorted((payload / "conda-installer").glob("*"))
+    conda_inputs = {"installer": profile.conda.installer, "files": digest_files(conda_files)}
+    chain = [base, system, Layer("conda", conda_inputs, system)]
+    for env in image_environments(loaded):
+        lock = [p for p in (payload / "envs" / env.name).rglob("*") if p.is_file()]
+        chain.append(Layer(f"env {env.name}", {"lock": digest_files(lock)}, chain[-1]))
+
+    small = [p for p in payload.rglob("*") if p.is_file() and p.relative_to(payload).parts[0]
+             not in ("channel", "wheels", "installer", "conda-installer")]  # fmt: skip
+    client_inputs = {
+        "payload": digest_files(small, root=payload),
+        "scripts": digest_files(
+            [provisioners / n for n in _CLIENT_SCRIPTS if (provisioners / n).is_file()]
+        ),  # fmt: skip
+        "offline": str(int(profile.offline)),
+        "host_code": _fingerprint(assemble),
+    }
+    tls = profile.jupyter.tls is not None
+    chain.append(Layer("client", client_inputs, chain[-1], cacheable=not tls))
+    return chain
+
+
+@dataclass
+class LayerBuild:
+    """What making a layer needs besides the layer: the build folder, a scratch folder, the
+    build key and log, and where uncached layers go."""
+
+    loaded: LoadedProfile
+    build_dir: Path
+    staging: Path
+    key: KeyPair
+    progress: Progress
+    time_limit_minutes: float
+    store: LayerStore
+
+    @property
+    def log_file(self) -> Path:
+        return self.staging / "build.log"
+
+    def runner(self, logf) -> LoggedRunner:
+        return LoggedRunner(logf, self.log_file, self.progress.update)
+
+
+def ensure(layer: Layer, parent: Path | None, job: LayerBuild) -> Path:
+    """The layer's image: from the store when it is there, otherwise made now on `parent`
+    (the image of the layer below) and stored, unless it holds a secret. Two builds that need
+    the same layer make it once: the second waits, then finds it."""
+    store, log = job.store, job.progress.log
+    if store.has(layer):
+        store.touch(layer, job.loaded.name)
+        log(f"layer {layer.name}: stored ({layer.key[:12]})")
+        return store.image(layer)
+    with store.building(layer, log):
+        if store.has(layer):
+            store.touch(layer, job.loaded.name)
+            log(f"layer {layer.name}: made by another build ({layer.key[:12]})")
+            return store.image(layer)
+        work = Path(tempfile.mkdtemp(prefix=f".layer-{layer.key[:12]}-", dir=job.staging))
+        try:
+            image, extra = _MAKERS[layer.name.split()[0]](layer, parent, work, job)
+            if not layer.cacheable:
+                kept = job.staging / f"{layer.name}.qcow2"
+                shutil.move(image, kept)
+                log(f"layer {layer.name}: made, not stored (it holds the client's TLS key)")
+                return kept
+            stored = store.publish(layer, image, job.loaded.name, extra)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"layer {layer.name}: made and stored ({layer.key[:12]})")
+    return stored
+
+
+def security_index(chain: list[Layer], store: LayerStore) -> dict | None:
+    """The security index the system layer was patched against, from its manifest."""
+    system = next(layer for layer in chain if layer.name == "system")
+    record = store.manifest(system.key) or {}
+    return record.get("security_index")
+
+
+def _make_system(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
+    prepared = job.staging / "system.qcow2"  # the pkrvars' base_image
+    output = job.staging / "packer-output"
+    shutil.rmtree(output, ignore_errors=True)
+    prepared.unlink(missing_ok=True)
+    with open(job.log_file, "a") as logf:
+        run = job.runner(logf)
+        run.step("growing the disk and patching it from the security suite (on the host)")
+        assemble.new_overlay(run, parent, prepared, job.loaded.profile.resources.disk)
+        with assemble.mounted(run, prepared, work, grow=True) as mnt:
+            index = assemble.upgrade(run, mnt)
+        if index is None:
+            run.step("the image's apt sources name no security suite: it is not patched")
+        else:
+            run.step(f"patched against {index.suite} of {index.date}")
+    packer_validate(job.build_dir, job.key.private_key_file)
+    run_packer(
+        job.build_dir, job.key.private_key_file, job.log_file, job.progress,
+        job.time_limit_minutes,
+    )  # fmt: skip
+    built = output / f"{job.loaded.name}.qcow2"
+    prepared.unlink()
+    return built, {"security_index": index.to_json() if index else None}
+
+
+def _host_layer(
+    steps: Callable[[LoggedRunner, Path], None], parent: Path, work: Path, job: LayerBuild
+) -> tuple[Path, dict]:
+    with open(job.log_file, "a") as logf:
+        run = job.runner(logf)
+        image = assemble.new_overlay(run, parent, work / "layer.qcow2")
+        with assemble.mounted(run, image, work, payload=job.build_dir / "payload") as mnt:
+            steps(run, mnt)
+    return image, {}
+
+
+def _make_conda(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
+    script = job.build_dir / "provisioners" / CONDA_SCRIPT
+
+    def steps(run: LoggedRunner, mnt: Path) -> None:
+        run.step(f"installing the conda installer ({job.loaded.profile.conda.installer})")
+        assemble.run_script(run, mnt, script, "installer")
+
+    return _host_layer(steps, parent, work, job)
+
+
+def _make_env(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
+    name = layer.name.split(maxsplit=1)[1]
+    script = job.build_dir / "provisioners" / CONDA_SCRIPT
+
+    def steps(run: LoggedRunner, mnt: Path) -> None:
+        run.step(f"installing the environment {name} on the host (native speed)")
+        assemble.run_script(run, mnt, script, "env", name)
+
+    return _host_layer(steps, parent, work, job)
+
+
+def _make_client(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
+    provisioners, payload = job.build_dir / "provisioners", job.build_dir / "payload"
+
+    def steps(run: LoggedRunner, mnt: Path) -> None:
+        run.step("installing the client's files, kernels and settings")
+        assemble.run_script(run, mnt, provisioners / CONDA_SCRIPT, "finish")
+        for name in _CLIENT_SCRIPTS:
+            if (provisioners / name).is_file():
+                assemble.run_script(run, mnt, provisioners / name)
+        settings = mnt / "etc/factory/settings.sh"
+        shutil.copyfile(payload / "settings.sh", settings)
+        settings.chmod(0o644)
+        (mnt / "etc/hostname").write_text(job.loaded.name.replace("_", "-") + "\n")
+        run.step("removing the build's leftovers and trimming free space")
+        assemble.seal(run, mnt)
+
+    return _host_layer(steps, parent, work, job)
+
+
+_MAKERS = {"system": _make_system, "conda": _make_conda, "env": _make_env, "client": _make_client}
+
+
+def write_security_index(chain: list[Layer], store: LayerStore, staging: Path) -> None:
+    """The delivery's security-index.json, from the system layer's record."""
+    (staging / updates.INDEX_FILE).write_text(
+        json.dumps(security_index(chain, store), indent=1) + "\n"
+    )
