@@ -86,7 +86,10 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
     conda_files += sorted((payload / "conda-installer").glob("*"))
     conda_inputs = {"installer": profile.conda.installer, "files": digest_files(conda_files)}
     chain = [base, system, Layer("conda", conda_inputs, system)]
-    for env in image_environments(loaded):
+    # Jupyter's own environment changes least: below the client's, a client's lock change
+    # leaves it stored.
+    envs = sorted(image_environments(loaded), key=lambda env: env.name != "jupyter")
+    for env in envs:
         lock = [p for p in (payload / "envs" / env.name).rglob("*") if p.is_file()]
         chain.append(Layer(f"env {env.name}", {"lock": digest_files(lock)}, chain[-1]))
 

@@ -16,6 +16,7 @@ layer with the last one of the same name to say which input changed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -197,8 +198,7 @@ class LayerStore:
             self.manifest_path(key).unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.root / f"{key}.qcow2").unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.root / f"{key}.lock").unlink()
+        # The .lock and .use files stay: another process may be waiting on them.
         return [*removed, key]
 
     def prune(self, max_bytes: int, keep: frozenset[str] = frozenset()) -> list[dict]:
@@ -223,15 +223,36 @@ class LayerStore:
                     total -= entry["bytes"]
         return removed
 
+    def hold(self, layer: Layer, stack: contextlib.ExitStack) -> None:
+        """Mark the layer in use until `stack` closes (a shared lock): no prune, from this
+        build or another one sharing the store, removes it meanwhile."""
+        if layer.image is not None:
+            return
+        flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW
+        descriptor = os.open(self.root / f"{layer.key}.use", flags, 0o644)
+        stack.callback(os.close, descriptor)
+        fcntl.flock(descriptor, fcntl.LOCK_SH)
+
     def _idle(self, key: str) -> bool:
+        """No build is making the layer and none holds it in use."""
         lock = self.root / f"{key}.lock"
-        if not lock.exists():
+        if lock.exists():
+            try:
+                with file_lock(lock, wait=False, busy="busy"):
+                    pass
+            except FactoryError:
+                return False
+        try:
+            descriptor = os.open(self.root / f"{key}.use", os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
             return True
         try:
-            with file_lock(lock, wait=False, busy="busy"):
-                return True
-        except FactoryError:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
             return False
+        finally:
+            os.close(descriptor)
 
 
 def _descendants(key: str, entries: list[dict]) -> set[str]:

@@ -13,6 +13,7 @@ succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -195,6 +196,7 @@ def _run_stages(
     steps: Steps,
 ) -> tuple[Delivery, dict[Path, str]]:
     progress, step = steps.progress, steps.step
+    cache_max = cache_max_bytes()  # a bad FACTORY_CACHE_MAX fails before anything is built
     with step("lock"):
         locks = lock_profile(loaded, log=progress.log, locked=options.locked)
     with step("installer"):
@@ -219,15 +221,19 @@ def _run_stages(
         job = chain.LayerBuild(
             loaded, build_dir, staging, key, progress, options.time_limit_minutes, store
         )
-        image = base_image
-        for layer in layers[1:]:
-            with step(layer.name, log="build.log"):
-                image = chain.ensure(layer, image, job)
-    chain.write_security_index(layers, store, staging)
-    (staging / "build.log").touch()
-    with step("export"):
-        filled = delivery.fill(loaded, staging, image, options.ova_digest, progress)
-    removed = store.prune(cache_max_bytes(), keep=frozenset(layer.key for layer in layers))
+        in_use = contextlib.ExitStack()
+        for layer in layers:
+            store.hold(layer, in_use)
+        with in_use:
+            image = base_image
+            for layer in layers[1:]:
+                with step(layer.name, log="build.log"):
+                    image = chain.ensure(layer, image, job)
+            chain.write_security_index(layers, store, staging)
+            (staging / "build.log").touch()
+            with step("export"):
+                filled = delivery.fill(loaded, staging, image, options.ova_digest, progress)
+            removed = store.prune(cache_max, keep=frozenset(layer.key for layer in layers))
     if removed:
         freed = sum(record["bytes"] for record in removed) / 2**30
         progress.log(f"cache: {len(removed)} least recently used layers removed ({freed:.1f} GiB)")

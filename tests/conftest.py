@@ -117,3 +117,19 @@ def require_root() -> None:
         pytest.skip("needs root (loop devices for the base image)")
     if shutil.which("packer") is None:
         pytest.skip("packer is not installed; run `make setup`")
+
+
+def demo_variant(folder: Path, change=None, file_name: str = "demo.yaml") -> Path:
+    """A copy of the demo profile in `folder`, its paths made absolute, edited by `change`
+    (a function that edits the parsed YAML in place)."""
+    import yaml
+
+    profile = yaml.safe_load(DEMO_PROFILE.read_text())
+    profile["environments"][0]["channels"] = [str(REPO / "outputs" / "channels" / "demo")]
+    profile["notebooks"] = [str(DEMO_PROFILE.parent / n) for n in profile["notebooks"]]
+    if change:
+        change(profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    return path

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from factory import export, updates
 from factory.cache import sha256_file
 from factory.export import virtual_hardware
 from factory.profile import load_profile
-from tests.conftest import DEMO_PROFILE, REPO, require_root, run_factory
+from tests.conftest import DEMO_PROFILE, REPO, demo_variant, require_root, run_factory
 from tests.image_edit import mounted_root, raw_copy
 
 pytestmark = pytest.mark.e2e
@@ -62,10 +63,12 @@ def assert_lock_free(outputs: Path, name: str) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def interrupt_demo_build(outputs: Path, marker: str, sig: int) -> None:
+def interrupt_demo_build(
+    outputs: Path, marker: str, sig: int, profile: Path = DEMO_PROFILE
+) -> None:
     """Interrupt a demo build at `marker`; it must say so and publish nothing."""
     require_root()
-    stderr = interrupt_when(["build", str(DEMO_PROFILE), "--outputs", str(outputs)], marker, sig)
+    stderr = interrupt_when(["build", str(profile), "--outputs", str(outputs)], marker, sig)
     assert "interrupted; nothing was published" in stderr
     time.sleep(2)
     assert not (outputs / "demo_hello_v1").exists()
@@ -73,25 +76,31 @@ def interrupt_demo_build(outputs: Path, marker: str, sig: int) -> None:
     assert_lock_free(outputs, "demo_hello_v1")
 
 
-def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs):
-    """Ctrl-C while packer boots the VM: no QEMU, no delivery, no staging, no lock. The demo
-    build that follows (the demo_delivery fixture) is the next run, and it succeeds."""
+def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs, tmp_path):
+    """Ctrl-C while packer boots the VM: no QEMU, no delivery, no staging, no lock. The
+    profile's admin key carries a fresh comment, so no stored system layer spares the boot."""
+
+    def fresh_admin_key(profile: dict) -> None:
+        profile["admin"]["ssh_keys"][0] += f" {uuid.uuid4()}"
+
     before = qemu_pids()
-    interrupt_demo_build(e2e_outputs, "booting the base image", signal.SIGINT)
+    variant = demo_variant(tmp_path, fresh_admin_key)
+    interrupt_demo_build(e2e_outputs, "booting the base image", signal.SIGINT, variant)
     assert qemu_pids() - before == set()
 
 
 def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, e2e_outputs):
-    """SIGTERM while the environments install into the image on the host: the chroot's
-    processes stop, the image's file systems and loop device are released, nothing is kept."""
-    interrupt_demo_build(
-        e2e_outputs, "installing the conda environments on the host", signal.SIGTERM
-    )
+    """SIGTERM while an environment installs into its layer on the host: the chroot's
+    processes stop, the layer's FUSE export, file systems and loop device are released, and
+    nothing is kept. The layers made before it stay stored, for the demo build that follows
+    (the demo_delivery fixture)."""
+    interrupt_demo_build(e2e_outputs, "installing the environment", signal.SIGTERM)
     assert str(e2e_outputs) not in Path("/proc/self/mounts").read_text()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(e2e_outputs) not in loops
-    leftover = subprocess.run(["pgrep", "-f", "install_env.py"], capture_output=True, text=True)
-    assert leftover.stdout == ""
+    for leftover in ("install_env.py", "qemu-storage-daemon"):
+        found = subprocess.run(["pgrep", "-f", leftover], capture_output=True, text=True)
+        assert found.stdout == "", leftover
 
 
 def test_delivery_holds_every_artifact(demo_delivery):

@@ -13,8 +13,8 @@ from factory.cache import sha256_file
 from factory.pipeline import Steps
 from tests.conftest import run_factory
 
-STAGES = ["lock", "installer", "base", "render", "bundle", "system", "conda", "env demo",
-          "env jupyter", "client", "export"]  # fmt: skip
+STAGES = ["lock", "installer", "base", "render", "bundle", "system", "conda", "env jupyter",
+          "env demo", "client", "export"]  # fmt: skip
 
 
 def test_help_lists_the_pipeline_in_order_then_the_tools():
