@@ -54,6 +54,11 @@ channel: venv
 	mkdir -p outputs/channels
 	ln -sfn "$$($(PY) -m tests.channel)" outputs/channels/demo
 
+## bench: measure the build into benchmarks/results.json (benchmarks/README.md; over 45 min on 2 cores under TCG, and both CPUs); a subset: make bench BENCH_ARGS="--only P3"
+.PHONY: bench
+bench: setup channel
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check factory tests benchmarks
 	$(VENV)/bin/ruff format --check factory tests benchmarks
