@@ -72,7 +72,10 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
         "template": digest_files([build_dir / "image.pkr.hcl"]),
         "scripts": digest_files(guest),
         "settings": json.dumps(_guest_settings(build_dir, guest), sort_keys=True),
-        "payload": digest_files([p for n in GUEST_PAYLOAD_FILES if (p := payload / n).is_file()]),
+        # settings.sh is keyed above by the settings the stages read, not by its whole text.
+        "payload": digest_files(
+            [p for n in GUEST_PAYLOAD_FILES if n != "settings.sh" and (p := payload / n).is_file()]
+        ),
         "disk_gib": str(profile.resources.disk),
         "host_code": _fingerprint(assemble),
     }
@@ -93,8 +96,11 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
         lock = [p for p in (payload / "envs" / env.name).rglob("*") if p.is_file()]
         chain.append(Layer(f"env {env.name}", {"lock": digest_files(lock)}, chain[-1]))
 
-    small = [p for p in payload.rglob("*") if p.is_file() and p.relative_to(payload).parts[0]
-             not in ("channel", "wheels", "installer", "conda-installer")]  # fmt: skip
+    # The payload's own files; its packages are keyed by the locks (envs/), and its
+    # SHA256SUMS lists the channel's index, which is rewritten, with a new date, each time.
+    bundled = ("channel", "wheels", "installer", "conda-installer", "SHA256SUMS")
+    small = [p for p in payload.rglob("*")
+             if p.is_file() and p.relative_to(payload).parts[0] not in bundled]  # fmt: skip
     client_inputs = {
         "payload": digest_files(small, root=payload),
         "scripts": digest_files(
@@ -149,6 +155,7 @@ def ensure(layer: Layer, parent: Path | None, job: LayerBuild) -> Path:
             if not layer.cacheable:
                 kept = job.staging / f"{layer.name}.qcow2"
                 shutil.move(image, kept)
+                (job.staging / f"{layer.name}.json").write_text(json.dumps(extra))
                 log(f"layer {layer.name}: made, not stored (it holds the client's TLS key)")
                 return kept
             stored = store.publish(layer, image, job.loaded.name, extra)
@@ -158,11 +165,22 @@ def ensure(layer: Layer, parent: Path | None, job: LayerBuild) -> Path:
     return stored
 
 
-def security_index(chain: list[Layer], store: LayerStore) -> dict | None:
+def _record(chain: list[Layer], name: str, store: LayerStore, staging: Path) -> dict:
+    """A layer's manifest: from the store, or from staging for a layer never stored."""
+    layer = next(layer for layer in chain if layer.name == name)
+    if layer.cacheable:
+        return store.manifest(layer.key) or {}
+    return json.loads((staging / f"{name}.json").read_text())
+
+
+def security_index(chain: list[Layer], store: LayerStore, staging: Path) -> dict | None:
     """The security index the system layer was patched against, from its manifest."""
-    system = next(layer for layer in chain if layer.name == "system")
-    record = store.manifest(system.key) or {}
-    return record.get("security_index")
+    return _record(chain, "system", store, staging).get("security_index")
+
+
+def guest_disk(chain: list[Layer], store: LayerStore, staging: Path) -> dict | None:
+    """The image's root file system when the client layer was made: bytes used, and size."""
+    return _record(chain, "client", store, staging).get("guest_disk")
 
 
 def _make_system(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
@@ -191,14 +209,14 @@ def _make_system(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tup
 
 
 def _host_layer(
-    steps: Callable[[LoggedRunner, Path], None], parent: Path, work: Path, job: LayerBuild
+    steps: Callable[[LoggedRunner, Path], dict | None], parent: Path, work: Path, job: LayerBuild
 ) -> tuple[Path, dict]:
     with open(job.log_file, "a") as logf:
         run = job.runner(logf)
         image = assemble.new_overlay(run, parent, work / "layer.qcow2")
         with assemble.mounted(run, image, work, payload=job.build_dir / "payload") as mnt:
-            steps(run, mnt)
-    return image, {}
+            extra = steps(run, mnt)
+    return image, extra or {}
 
 
 def _make_conda(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
@@ -225,7 +243,7 @@ def _make_env(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[
 def _make_client(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:
     provisioners, payload = job.build_dir / "provisioners", job.build_dir / "payload"
 
-    def steps(run: LoggedRunner, mnt: Path) -> None:
+    def steps(run: LoggedRunner, mnt: Path) -> dict:
         run.step("installing the client's files, kernels and settings")
         assemble.run_script(run, mnt, provisioners / CONDA_SCRIPT, "finish")
         for name in _CLIENT_SCRIPTS:
@@ -237,6 +255,8 @@ def _make_client(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tup
         (mnt / "etc/hostname").write_text(job.loaded.name.replace("_", "-") + "\n")
         run.step("removing the build's leftovers and trimming free space")
         assemble.seal(run, mnt)
+        usage = shutil.disk_usage(mnt)
+        return {"guest_disk": {"used_bytes": usage.used, "size_bytes": usage.total}}
 
     return _host_layer(steps, parent, work, job)
 
@@ -247,5 +267,5 @@ _MAKERS = {"system": _make_system, "conda": _make_conda, "env": _make_env, "clie
 def write_security_index(chain: list[Layer], store: LayerStore, staging: Path) -> None:
     """The delivery's security-index.json, from the system layer's record."""
     (staging / updates.INDEX_FILE).write_text(
-        json.dumps(security_index(chain, store), indent=1) + "\n"
+        json.dumps(security_index(chain, store, staging), indent=1) + "\n"
     )

@@ -14,6 +14,7 @@ succeeded.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from factory.progress import Progress
 from factory.render import BuildInputs, build_vm_size, render_build_dir
 from factory.resolve import lock_profile
 
+GUEST_DISK_FILE = "guest-disk.json"
 # What the Debian base image holds before any environment is installed.
 BASE_CONTENT_GIB = 1.5
 
@@ -161,6 +163,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     "name": loaded.name,
                     "accelerator": accelerator,
                     "security_index": delivery.security_index_summary(staged.security_index),
+                    "guest_disk": json.loads((staging / GUEST_DISK_FILE).read_text()),
                 },
             )
             if loaded.profile.jupyter.tls:
@@ -233,11 +236,22 @@ def _run_stages(
             (staging / "build.log").touch()
             with step("export"):
                 filled = delivery.fill(loaded, staging, image, options.ova_digest, progress)
+            guest = chain.guest_disk(layers, store, staging)
+            (staging / GUEST_DISK_FILE).write_text(json.dumps(guest))
+            _report_sizes(filled[0], guest, progress)
             removed = store.prune(cache_max, keep=frozenset(layer.key for layer in layers))
     if removed:
         freed = sum(record["bytes"] for record in removed) / 2**30
         progress.log(f"cache: {len(removed)} least recently used layers removed ({freed:.1f} GiB)")
     return filled
+
+
+def _report_sizes(staged: Delivery, guest: dict | None, progress: Progress) -> None:
+    """Each artifact's size next to the data in use inside the guest."""
+    used = f"{guest['used_bytes'] / 2**30:.2f} GiB in use" if guest else "in use unknown"
+    for artifact in staged.artifacts:
+        progress.log(f"{artifact.name}: {artifact.stat().st_size / 2**30:.2f} GiB ({used} "
+                     "inside the guest)")  # fmt: skip
 
 
 def _build_inputs(staging: Path, accelerator: str, key: KeyPair, vm: VMSize | None) -> BuildInputs:
