@@ -18,6 +18,7 @@ from layer k.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from factory import assemble, cache, updates
 from factory.build import run_packer
+from factory.export import qemu_img_info
 from factory.keys import KeyPair
 from factory.layers import Layer, LayerStore, digest_files
 from factory.processes import LoggedRunner
@@ -37,13 +39,24 @@ from factory.progress import Progress
 from factory.render import CONDA_SCRIPT, GUEST_PAYLOAD_FILES, GUEST_SCRIPTS, packer_validate
 from factory.resolve import image_environments
 
+# The system layer's disk: every profile on one base and one preset shares that layer, whatever
+# its disk; the conda layer grows the disk to the profile's size.
+SYSTEM_DISK_GIB = 4
 _SETTING = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)")
-_CLIENT_SCRIPTS = ("40-jupyter-client.sh", "50-client-files.sh")
+_CLIENT_SCRIPTS = ("40-jupyter-client.sh", "50-client-files.sh", "60-admin.sh")
 
 
 def _fingerprint(module: object) -> str:
     """The source of the code that makes a layer: a change to it makes new layers."""
     return cache.sha256_file(Path(module.__file__))
+
+
+def system_disk_gib(loaded: LoadedProfile, base_image: Path) -> int:
+    """The base's size, at least SYSTEM_DISK_GIB, at most the profile's disk."""
+    if not base_image.is_file():  # --explain before the base is built
+        return min(loaded.profile.resources.disk, SYSTEM_DISK_GIB)
+    base_gib = -(-qemu_img_info(base_image)["virtual-size"] // 2**30)
+    return min(loaded.profile.resources.disk, max(SYSTEM_DISK_GIB, base_gib))
 
 
 def _guest_settings(build_dir: Path, scripts: list[Path]) -> dict[str, str]:
@@ -58,6 +71,23 @@ def _guest_settings(build_dir: Path, scripts: list[Path]) -> dict[str, str]:
         if name in referenced:
             settings[name] = value
     return settings
+
+
+def _lock_identity(env_dir: Path) -> str:
+    """What an environment's layer installs: each conda package file with its md5 and each pip
+    requirement with its hashes; not the URLs they were fetched from, nor the lock's header."""
+    conda = [
+        line.rsplit("/", 1)[-1]
+        for line in (env_dir / "explicit.txt").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "@"))
+    ]
+    pip_file = env_dir / "pip.txt"
+    pip = [
+        line.strip()
+        for line in (pip_file.read_text().splitlines() if pip_file.is_file() else [])
+        if line.strip() and not line.startswith("#")
+    ]
+    return hashlib.sha256(json.dumps([conda, pip]).encode()).hexdigest()
 
 
 def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer]:
@@ -76,7 +106,7 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
         "payload": digest_files(
             [p for n in GUEST_PAYLOAD_FILES if n != "settings.sh" and (p := payload / n).is_file()]
         ),
-        "disk_gib": str(profile.resources.disk),
+        "disk_gib": str(system_disk_gib(loaded, base_image)),
         "host_code": _fingerprint(assemble),
     }
     if not isinstance(profile.base, str):
@@ -87,14 +117,18 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
     conda_files = [provisioners / CONDA_SCRIPT, payload / "install_env.py", payload / "factory-env"]
     conda_files += sorted((payload / "installer").glob("*.whl"))
     conda_files += sorted((payload / "conda-installer").glob("*"))
-    conda_inputs = {"installer": profile.conda.installer, "files": digest_files(conda_files)}
+    conda_inputs = {
+        "installer": profile.conda.installer,
+        "files": digest_files(conda_files),
+        "disk_gib": str(profile.resources.disk),
+    }
     chain = [base, system, Layer("conda", conda_inputs, system)]
     # Jupyter's own environment changes least: below the client's, a client's lock change
     # leaves it stored.
     envs = sorted(image_environments(loaded), key=lambda env: env.name != "jupyter")
     for env in envs:
-        lock = [p for p in (payload / "envs" / env.name).rglob("*") if p.is_file()]
-        chain.append(Layer(f"env {env.name}", {"lock": digest_files(lock)}, chain[-1]))
+        lock = _lock_identity(payload / "envs" / env.name)
+        chain.append(Layer(f"env {env.name}", {"lock": lock}, chain[-1]))
 
     # The payload's own files; its packages are keyed by the locks (envs/), and its
     # SHA256SUMS lists the channel's index, which is rewritten, with a new date, each time.
@@ -191,7 +225,7 @@ def _make_system(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tup
     with open(job.log_file, "a") as logf:
         run = job.runner(logf)
         run.step("growing the disk and patching it from the security suite (on the host)")
-        assemble.new_overlay(run, parent, prepared, job.loaded.profile.resources.disk)
+        assemble.new_overlay(run, parent, prepared, system_disk_gib(job.loaded, parent))
         with assemble.mounted(run, prepared, work, grow=True) as mnt:
             index = assemble.upgrade(run, mnt)
         if index is None:
@@ -209,12 +243,17 @@ def _make_system(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tup
 
 
 def _host_layer(
-    steps: Callable[[LoggedRunner, Path], dict | None], parent: Path, work: Path, job: LayerBuild
+    steps: Callable[[LoggedRunner, Path], dict | None],
+    parent: Path,
+    work: Path,
+    job: LayerBuild,
+    grow_to_gib: int | None = None,
 ) -> tuple[Path, dict]:
     with open(job.log_file, "a") as logf:
         run = job.runner(logf)
-        image = assemble.new_overlay(run, parent, work / "layer.qcow2")
-        with assemble.mounted(run, image, work, payload=job.build_dir / "payload") as mnt:
+        image = assemble.new_overlay(run, parent, work / "layer.qcow2", grow_to_gib)
+        payload = job.build_dir / "payload"
+        with assemble.mounted(run, image, work, payload, grow=bool(grow_to_gib)) as mnt:
             extra = steps(run, mnt)
     return image, extra or {}
 
@@ -226,7 +265,7 @@ def _make_conda(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tupl
         run.step(f"installing the conda installer ({job.loaded.profile.conda.installer})")
         assemble.run_script(run, mnt, script, "installer")
 
-    return _host_layer(steps, parent, work, job)
+    return _host_layer(steps, parent, work, job, grow_to_gib=job.loaded.profile.resources.disk)
 
 
 def _make_env(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tuple[Path, dict]:

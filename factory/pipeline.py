@@ -14,6 +14,7 @@ succeeded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -211,6 +212,7 @@ def _run_stages(
     store = LayerStore()
     with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
         inputs = _build_inputs(staging, accelerator, key, vm)
+        inputs = dataclasses.replace(inputs, disk_gib=chain.system_disk_gib(loaded, base_image))
         with step("render"):
             build_dir = render_build_dir(loaded, inputs, staging / "build", validate=False)
         with step("bundle"):

@@ -31,12 +31,11 @@ from factory.templates import render_template
 # after it, in a chroot of the image on the build host (factory/chain.py), one layer each.
 GUEST_SCRIPTS = ["10-system.sh", "12-security.sh", "14-monitoring.sh", "15-gpu.sh", "30-jupyter.sh"]
 CONDA_SCRIPT = "20-conda-envs.sh"
-HOST_SCRIPTS = [CONDA_SCRIPT, "40-jupyter-client.sh", "50-client-files.sh"]
+HOST_SCRIPTS = [CONDA_SCRIPT, "40-jupyter-client.sh", "50-client-files.sh", "60-admin.sh"]
 JUPYTER_STAGES = ["30-jupyter.sh", "40-jupyter-client.sh", "50-client-files.sh"]
 # The payload files the guest stages read: the only ones uploaded to the build VM.
 GUEST_PAYLOAD_FILES = [
     "settings.sh",
-    "admin_authorized_keys",
     "seal.sh",
     "factory-firstboot",
     "factory-firstboot.service",
@@ -67,6 +66,9 @@ class BuildInputs:
     # Every stage in the build VM, the whole payload uploaded: the plain one-template build
     # (the benchmarks' baseline) instead of layers.
     all_in_guest: bool = False
+    # The build VM's disk, when it is not the profile's: the system layer keeps a fixed size
+    # and the conda layer grows the disk (factory.chain).
+    disk_gib: int | None = None
     # The build VM's size on this host; decided once, in pre-flight (build_vm_size).
     vm: host.VMSize | None = None
 
@@ -128,7 +130,7 @@ def render_pkrvars(loaded: LoadedProfile, inputs: BuildInputs) -> str:
         "cpus": vm.cpus,
         "memory": vm.memory_mib,
         "cpu_model": cpu.build_cpu_model(inputs.accelerator),
-        "disk_size": f"{resources.disk}G",
+        "disk_size": f"{inputs.disk_gib or resources.disk}G",
         "output_directory": inputs.output_directory,
         "build_user": BUILD_USER,
         "console_log": inputs.console_log,

@@ -16,6 +16,9 @@ TOOLS: dict[str, str] = {
     "packer": "packer",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
+    # Shows a layer as a raw file (FUSE) so that the host mounts it (factory/assemble.py).
+    "qemu-storage-daemon": "qemu-system-common",
+    "fstrim": "util-linux",
     "mmdebstrap": "mmdebstrap",
     # Packer's cd_files (the build's NoCloud seed) shells out to genisoimage.
     "genisoimage": "genisoimage",

@@ -1,21 +1,10 @@
 #!/usr/bin/env bash
-# Stage: system. The client's admin user, sshd hardening and the first-boot unit.
+# Stage: system. sshd hardening and the first-boot unit. The client's admin user comes
+# later, in the client layer (60-admin.sh), so that clients on one preset share this layer.
 set -euo pipefail
 # shellcheck source=/dev/null
 . "$FACTORY_PAYLOAD/settings.sh"
 echo "factory-step: system"
-
-if ! id "$ADMIN_USER" >/dev/null 2>&1; then
-    useradd --create-home --shell /bin/bash --groups sudo "$ADMIN_USER"
-fi
-passwd --lock "$ADMIN_USER" >/dev/null
-admin_home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
-install -d -m 700 -o "$ADMIN_USER" -g "$ADMIN_USER" "$admin_home/.ssh"
-install -m 600 -o "$ADMIN_USER" -g "$ADMIN_USER" \
-    "$FACTORY_PAYLOAD/admin_authorized_keys" "$admin_home/.ssh/authorized_keys"
-printf '%s ALL=(ALL) NOPASSWD:ALL\n' "$ADMIN_USER" > /etc/sudoers.d/50-factory-admin
-chmod 440 /etc/sudoers.d/50-factory-admin
-visudo -c >/dev/null
 
 install -d -m 755 /etc/ssh/sshd_config.d
 # sshd keeps the first value it reads: 00- sorts before any drop-in cloud-init or a package

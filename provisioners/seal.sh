@@ -20,8 +20,8 @@ rm -f "$FACTORY_JUPYTER_TOKEN_FILE"
 if [ ! -e "$FACTORY_TLS_CLIENT_SUPPLIED" ]; then
     rm -f "$FACTORY_TLS_KEY" "$FACTORY_TLS_CERTIFICATE"
 fi
-admin_home=$(getent passwd "$ADMIN_USER" | cut -d: -f6)
-rm -f "$admin_home/jupyter-token"
+# The first boot copies the token to the admin's home (the admin may come in a later layer).
+rm -f /home/*/jupyter-token /root/jupyter-token
 rm -rf "$FACTORY_JUPYTER_HOME/.local/share/jupyter/runtime"
 rm -rf /var/cache/factory-rattler
 

@@ -78,13 +78,14 @@ def interrupt_demo_build(
 
 def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs, tmp_path):
     """Ctrl-C while packer boots the VM: no QEMU, no delivery, no staging, no lock. The
-    profile's admin key carries a fresh comment, so no stored system layer spares the boot."""
+    profile opens one more port, never used before, so no stored system layer spares the boot."""
 
-    def fresh_admin_key(profile: dict) -> None:
-        profile["admin"]["ssh_keys"][0] += f" {uuid.uuid4()}"
+    def fresh_port(profile: dict) -> None:
+        security = profile.setdefault("security", {})
+        security["open_ports"] = [20000 + uuid.uuid4().int % 10000]
 
     before = qemu_pids()
-    variant = demo_variant(tmp_path, fresh_admin_key)
+    variant = demo_variant(tmp_path, fresh_port)
     interrupt_demo_build(e2e_outputs, "booting the base image", signal.SIGINT, variant)
     assert qemu_pids() - before == set()
 
