@@ -126,10 +126,11 @@ class LayerStore:
         """A stored, finished layer whose whole chain of backing files is still there."""
         if layer.image is not None:
             return layer.image.is_file()
-        if not layer.cacheable or self.manifest(layer.key) is None:
+        record = self.manifest(layer.key) if layer.cacheable else None
+        if record is None or not self.image(layer).is_file():
             return False
-        if not self.image(layer).is_file():
-            return False
+        if layer.parent and record.get("parent_image") != str(self.image(layer.parent)):
+            return False  # the overlay names a parent that moved (a moved cache)
         return layer.parent is None or self.has(layer.parent)
 
     @contextlib.contextmanager
