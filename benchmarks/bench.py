@@ -535,19 +535,7 @@ def bench_p3(bench: Bench) -> dict:
             case_dir = bench.work / "P3" / str(index)
             case_dir.mkdir(parents=True)
             path = conflict_time.profile_with(case_dir, channel, conda, pip)
-            started = time.monotonic()
-            run = subprocess.run(
-                [sys.executable, "-m", "factory", "lock", str(path)],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-            )
-            error = next((ln for ln in run.stderr.splitlines() if ln.startswith("error:")), "")
-            cases[name] = {
-                "seconds": round(time.monotonic() - started, 2),
-                "exit": run.returncode,
-                "error": error,
-            }
+            cases[name] = conflict_time.timed_lock(path)
     failed = [name for name, case in cases.items() if case["exit"] == 0 or not case["error"]]
     if failed:
         raise BenchError(f"P3: `factory lock` reported no conflict for: {', '.join(failed)}")

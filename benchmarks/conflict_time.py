@@ -31,6 +31,20 @@ CASES = {
 }
 
 
+def timed_lock(path: Path) -> dict:
+    """`factory lock PROFILE` as a user runs it: its seconds, exit status and error line."""
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "factory", "lock", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.monotonic() - started
+    error = next((ln for ln in run.stderr.splitlines() if ln.startswith("error:")), "")
+    return {"seconds": round(seconds, 2), "exit": run.returncode, "error": error}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -47,17 +61,9 @@ def main() -> None:
             case_dir = Path(scratch) / str(len(results))
             case_dir.mkdir()
             path = profile_with(case_dir, channel, conda, pip)
-            started = time.monotonic()
-            run = subprocess.run(
-                [sys.executable, "-m", "factory", "lock", str(path)],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-            )
-            seconds = time.monotonic() - started
-            error = next((ln for ln in run.stderr.splitlines() if ln.startswith("error:")), "")
-            results[name] = {"seconds": round(seconds, 2), "exit": run.returncode, "error": error}
-            print(f"{seconds:6.2f} s  exit {run.returncode}  {name}: {error}")
+            results[name] = timed_lock(path)
+            case = results[name]
+            print(f"{case['seconds']:6.2f} s  exit {case['exit']}  {name}: {case['error']}")
     out = REPO / "benchmarks" / "results" / "conflict_time.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(

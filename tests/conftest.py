@@ -133,3 +133,13 @@ def demo_variant(folder: Path, change=None, file_name: str = "demo.yaml") -> Pat
     path = folder / file_name
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
     return path
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -14,7 +14,7 @@ import pytest
 from factory.cli_build import format_explain
 from factory.errors import FactoryError
 from factory.layers import Layer, LayerStore, cache_max_bytes, explain, parse_size
-from tests.conftest import REPO, run_factory
+from tests.conftest import REPO, run_factory, wait_until
 
 # Holds a layer's build lock, as a build in another process would, until stdin closes.
 LOCK_HOLDER = """
@@ -62,15 +62,6 @@ def qcow2(path: Path, backing: Path | None = None) -> Path:
     command = ["qemu-img", "create", "-q", "-f", "qcow2", *backing_args, str(path), "64M"]
     subprocess.run(command, check=True, capture_output=True)
     return path
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class Chain:

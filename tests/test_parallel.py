@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from factory.parallel import Batch, Job, format_summary
-from tests.conftest import DEMO_PROFILE, REPO, run_factory
+from tests.conftest import DEMO_PROFILE, REPO, run_factory, wait_until
 
 # Runs a Batch of sleeping children as `factory build` runs its builds; each child writes its
 # pid to <folder>/<name>.pid. Prints the summary however it ends.
@@ -67,15 +67,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_several_profiles_each_get_a_log_and_a_line_in_the_summary(tmp_path: Path):
