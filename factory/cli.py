@@ -40,7 +40,8 @@ def _err(message: str) -> None:
 @click.group(
     cls=PipelineGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="profile -> lock -> bundle -> base -> render -> packer build -> export -> validate",
+    epilog="profile -> lock -> installer -> base -> render -> bundle -> layers (system, conda, "
+    "env ..., client) -> export -> validate",
 )
 @click.version_option(__version__, prog_name="factory")
 @click.option(

@@ -79,7 +79,7 @@ def build(
     jobs: int,
     explain: bool,
 ) -> None:
-    """Pre-flight, lock, render, packer build and export one or more profiles.
+    """Pre-flight, lock, render, build the layers and export one or more profiles.
 
     Several profiles build side by side (see --jobs) and share the layers they have in common.
     """
