@@ -71,6 +71,7 @@ def test_templates_escape_markup_only():
         payload_dir="/tmp/p",
         guest_network=False,
         modern_packer=True,
+        uploads=["settings.sh"],
         scripts=["a<b.sh"],
     )
     assert 'script           = "a<b.sh"' in text and text.endswith("}\n")
