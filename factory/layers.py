@@ -205,6 +205,7 @@ class LayerStore:
     def prune(self, max_bytes: int, keep: frozenset[str] = frozenset()) -> list[dict]:
         """Evict the least recently used layers (with what stands on them) until the store
         holds at most max_bytes; never a layer in `keep` or one whose build lock is held."""
+        self._remove_abandoned_publishes()
         removed: list[dict] = []
         entries = self.entries()
         total = sum(r["bytes"] for r in entries)
@@ -223,6 +224,13 @@ class LayerStore:
                     removed.append(entry)
                     total -= entry["bytes"]
         return removed
+
+    def _remove_abandoned_publishes(self) -> None:
+        """Half-moved images (`.incoming-<key>-<pid>`) of a publish whose process is gone."""
+        for path in self.root.glob(".incoming-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                path.unlink(missing_ok=True)
 
     def hold(self, layer: Layer, stack: contextlib.ExitStack) -> None:
         """Mark the layer in use until `stack` closes (a shared lock): no prune, from this

@@ -4,6 +4,7 @@ real processes, explain, and `factory cache ls` / `prune` through the real CLI."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -372,3 +373,16 @@ def test_a_bad_cache_max_names_the_variable(monkeypatch: pytest.MonkeyPatch):
         cache_max_bytes()
     monkeypatch.delenv("FACTORY_CACHE_MAX")
     assert cache_max_bytes() == 60 * 2**30
+
+
+def test_prune_removes_the_half_moved_image_of_a_publish_whose_process_is_gone(tmp_path):
+    store = LayerStore(root=tmp_path / "layers")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    abandoned = store.root / f".incoming-{'a' * 64}-{gone}"
+    running = store.root / f".incoming-{'b' * 64}-{os.getpid()}"
+    abandoned.write_bytes(b"half an image")
+    running.write_bytes(b"being moved")
+    store.prune(max_bytes=2**40)
+    assert not abandoned.exists()
+    assert running.exists()
