@@ -25,6 +25,7 @@ from factory import image_layout, updates
 from factory.base.mounts import is_mounted
 from factory.base.recipe import chroot_command, clear_apt_lists, grub_cfg, teardown
 from factory.errors import FactoryError
+from factory.files import remove_path
 from factory.processes import LoggedRunner, die_with_parent, signals_deferred, stop
 from factory.tools import require_root_and_tools
 
@@ -194,19 +195,11 @@ def seal(run: LoggedRunner, mnt: Path) -> None:
     """Remove what the host stages left (caches, the payload's mount point, temporary files),
     then discard the file system's free blocks so that the export skips them."""
     for name in _HOST_LEFTOVERS:
-        path = mnt / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(mnt / name)
     for folder in (mnt / "tmp", mnt / "var/tmp"):
         for entry in folder.iterdir() if folder.is_dir() else ():
-            if is_mounted(entry):
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            if not is_mounted(entry):
+                remove_path(entry)
     run("sync")  # ext4 trims only blocks whose release is committed
     run("fstrim", "-v", str(mnt), check=False)
 

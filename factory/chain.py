@@ -3,13 +3,16 @@
     base -> system -> conda -> env <name> (one per environment) -> client
 
 - base: the Debian or cloud base image (factory.base), already cached under its own key.
-- system: grown to the profile's disk and patched from the security suite on the host, then
-  booted by Packer for what needs a running system (users, sshd, firewall, audit, services,
-  first-boot unit) and sealed. Never a secret, never the delivery's name.
-- conda, env <name>: the installer, then each locked environment, installed on the host in a
-  chroot of the image at native speed; an environment's key is its lock.
-- client: the kernels, notebooks, the client's TLS files, the delivery's settings and name,
-  the offline channel; then the host's leftovers are removed and free space trimmed.
+- system: patched from the security suite on the host, then booted by Packer for what needs a
+  running system (sshd, firewall, audit, services, first-boot unit) and sealed. It keeps the
+  base's disk and is keyed by the settings its stages read: never a secret, never the
+  delivery's name, so profiles on one base and one preset share it.
+- conda, env <name>: the installer (which grows the disk to the profile's), then each locked
+  environment, installed on the host in a chroot of the image at native speed; an
+  environment's key is its packages and their hashes.
+- client: the kernels, notebooks, the client's TLS files, the admin user, the delivery's
+  settings and name, the offline channel; then the host's leftovers are removed and free
+  space trimmed.
 
 Every layer's key chains its inputs to its parent's (factory.layers), so a build reuses the
 longest stored prefix and makes only what follows; a build stopped in layer k starts again
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from factory import assemble, cache, updates
 from factory.build import run_packer
+from factory.delivery import HOST_ONLY_PAYLOAD_DIRS
 from factory.export import qemu_img_info
 from factory.keys import KeyPair
 from factory.layers import Layer, LayerStore, digest_files
@@ -90,10 +94,12 @@ def _lock_identity(env_dir: Path) -> str:
     return hashlib.sha256(json.dumps([conda, pip]).encode()).hexdigest()
 
 
-def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer]:
-    """The chain of layers for a rendered and bundled build folder, root first."""
+def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path, system_gib: int) -> list[Layer]:
+    """The chain of layers for a rendered and bundled build folder, root first; `system_gib`
+    is system_disk_gib(), the disk the build folder was rendered for."""
     payload, provisioners = build_dir / "payload", build_dir / "provisioners"
     profile = loaded.profile
+    host_code = _fingerprint(assemble)
     base = Layer("base", {"image": base_image.name}, image=base_image)
 
     guest = [provisioners / n for n in GUEST_SCRIPTS if (provisioners / n).is_file()]
@@ -106,8 +112,8 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
         "payload": digest_files(
             [p for n in GUEST_PAYLOAD_FILES if n != "settings.sh" and (p := payload / n).is_file()]
         ),
-        "disk_gib": str(system_disk_gib(loaded, base_image)),
-        "host_code": _fingerprint(assemble),
+        "disk_gib": str(system_gib),
+        "host_code": host_code,
     }
     if not isinstance(profile.base, str):
         # A cloud image is patched when the system layer is made: once a day at most.
@@ -132,7 +138,7 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
 
     # The payload's own files; its packages are keyed by the locks (envs/), and its
     # SHA256SUMS lists the channel's index, which is rewritten, with a new date, each time.
-    bundled = ("channel", "wheels", "installer", "conda-installer", "SHA256SUMS")
+    bundled = (*HOST_ONLY_PAYLOAD_DIRS, "SHA256SUMS")
     small = [p for p in payload.rglob("*")
              if p.is_file() and p.relative_to(payload).parts[0] not in bundled]  # fmt: skip
     client_inputs = {
@@ -141,7 +147,7 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path) -> list[Layer
             [provisioners / n for n in _CLIENT_SCRIPTS if (provisioners / n).is_file()]
         ),  # fmt: skip
         "offline": str(int(profile.offline)),
-        "host_code": _fingerprint(assemble),
+        "host_code": host_code,
     }
     tls = profile.jupyter.tls is not None
     chain.append(Layer("client", client_inputs, chain[-1], cacheable=not tls))
@@ -174,15 +180,17 @@ def ensure(layer: Layer, parent: Path | None, job: LayerBuild) -> Path:
     (the image of the layer below) and stored, unless it holds a secret. Two builds that need
     the same layer make it once: the second waits, then finds it."""
     store, log = job.store, job.progress.log
-    if store.has(layer):
+
+    def reuse(how: str) -> Path:
         store.touch(layer, job.loaded.name)
-        log(f"layer {layer.name}: stored ({layer.key[:12]})")
+        log(f"layer {layer.name}: {how} ({layer.key[:12]})")
         return store.image(layer)
+
+    if store.has(layer):
+        return reuse("stored")
     with store.building(layer, log):
         if store.has(layer):
-            store.touch(layer, job.loaded.name)
-            log(f"layer {layer.name}: made by another build ({layer.key[:12]})")
-            return store.image(layer)
+            return reuse("made by another build")
         work = Path(tempfile.mkdtemp(prefix=f".layer-{layer.key[:12]}-", dir=job.staging))
         try:
             image, extra = _MAKERS[layer.name.split()[0]](layer, parent, work, job)
@@ -225,7 +233,7 @@ def _make_system(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tup
     with open(job.log_file, "a") as logf:
         run = job.runner(logf)
         run.step("growing the disk and patching it from the security suite (on the host)")
-        assemble.new_overlay(run, parent, prepared, system_disk_gib(job.loaded, parent))
+        assemble.new_overlay(run, parent, prepared, int(layer.inputs["disk_gib"]))
         with assemble.mounted(run, prepared, work, grow=True) as mnt:
             index = assemble.upgrade(run, mnt)
         if index is None:

@@ -40,6 +40,14 @@ def write_text_atomically(path: Path, text: str, mode: int | None = None) -> Pat
     return path
 
 
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a whole folder (never a link's target); a missing one is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_path(new: Path, final: Path) -> None:
     """Put `new` (a file or a folder, on the same filesystem) at `final` in one rename.
 
@@ -53,10 +61,7 @@ def replace_path(new: Path, final: Path) -> None:
             final.rename(replaced)
         new.rename(final)
         if replaced is not None:
-            if replaced.is_dir() and not replaced.is_symlink():
-                shutil.rmtree(replaced, ignore_errors=True)
-            else:
-                replaced.unlink(missing_ok=True)
+            remove_path(replaced)
         return
     os.replace(new, final)
 

@@ -72,10 +72,6 @@ def digest_files(paths: list[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def digest_tree(folder: Path) -> str:
-    return digest_files([p for p in folder.rglob("*") if p.is_file()], root=folder)
-
-
 class SizeError(FactoryError, ValueError):
     """A size that parse_size cannot read (a ValueError, and one line for the CLI)."""
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,8 +40,8 @@ from factory.profile import LoadedProfile
 from factory.progress import Progress
 from factory.render import BuildInputs, build_vm_size, render_build_dir
 from factory.resolve import lock_profile
+from factory.tables import human_bytes
 
-GUEST_DISK_FILE = "guest-disk.json"
 # What the Debian base image holds before any environment is installed.
 BASE_CONTENT_GIB = 1.5
 
@@ -104,13 +103,21 @@ def gpu_base_packages(loaded: LoadedProfile) -> tuple[str, ...]:
     return (*gpu.DEBIAN_GPU_PACKAGES, *toolkit)
 
 
-def base_image_for(loaded: LoadedProfile, progress: Progress) -> Path:
+def base_image_for(loaded: LoadedProfile, log: Callable[[str], None], build: bool = True) -> Path:
+    """The profile's base image, made or fetched when missing (with build=False: only where
+    it is, or would be)."""
     spec = loaded.profile.base
     if isinstance(spec, str):
         return base.debian_base_image(
-            spec, log=progress.log, extra_packages=gpu_base_packages(loaded)
+            spec, log=log, extra_packages=gpu_base_packages(loaded), build=build
         )
-    return base.cloud_base_image(spec.url, spec.sha256, log=progress.log)
+    return base.cloud_base_image(spec.url, spec.sha256, log=log, build=build)
+
+
+def conda_installer_for(loaded: LoadedProfile, log: Callable[[str], None]) -> Path | None:
+    """The profile's Miniconda or Miniforge installer, fetched and checked; None for rattler."""
+    source = loaded.profile.conda.installer_source()
+    return fetch_conda_installer(*source, log=log) if source else None
 
 
 def packer_version() -> tuple[int, int, int]:
@@ -150,12 +157,13 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
             with Progress() as progress:
                 steps = Steps(progress)
                 _preflight(loaded, accelerator, vm, progress)
-                staged, digests = _run_stages(loaded, options, accelerator, vm, staging, steps)
+                built = _run_stages(loaded, options, accelerator, vm, staging, steps)
+            staged = built.delivery
             delivery.write_build_manifest(
                 staged.path,
                 profile_sha256=loaded.sha256,
                 artifacts=staged.artifacts,
-                digests=digests,
+                digests=built.digests,
                 tool_versions=tool_versions(),
                 started=started,
                 finished=datetime.now(UTC),
@@ -164,7 +172,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     "name": loaded.name,
                     "accelerator": accelerator,
                     "security_index": delivery.security_index_summary(staged.security_index),
-                    "guest_disk": json.loads((staging / GUEST_DISK_FILE).read_text()),
+                    "guest_disk": built.guest_disk,
                 },
             )
             if loaded.profile.jupyter.tls:
@@ -191,6 +199,13 @@ def _preflight(loaded: LoadedProfile, accelerator: str, vm: VMSize, progress: Pr
     )
 
 
+@dataclass(frozen=True)
+class _Built:
+    delivery: Delivery  # in the staging folder, not yet published
+    digests: dict[Path, str]  # each artifact's sha256
+    guest_disk: dict | None  # the image's root file system: bytes used, and size
+
+
 def _run_stages(
     loaded: LoadedProfile,
     options: BuildOptions,
@@ -198,28 +213,29 @@ def _run_stages(
     vm: VMSize,
     staging: Path,
     steps: Steps,
-) -> tuple[Delivery, dict[Path, str]]:
+) -> _Built:
     progress, step = steps.progress, steps.step
     cache_max = cache_max_bytes()  # a bad FACTORY_CACHE_MAX fails before anything is built
     with step("lock"):
         locks = lock_profile(loaded, log=progress.log, locked=options.locked)
     with step("installer"):
         # Fetched (and checked) before anything boots.
-        source = loaded.profile.conda.installer_source()
-        conda_installer = fetch_conda_installer(*source, log=progress.log) if source else None
+        conda_installer = conda_installer_for(loaded, progress.log)
     with step("base"):
-        base_image = base_image_for(loaded, progress)
+        base_image = base_image_for(loaded, progress.log)
     store = LayerStore()
     with ephemeral_keypair(f"factory-build@{loaded.name}") as key:
-        inputs = _build_inputs(staging, accelerator, key, vm)
-        inputs = dataclasses.replace(inputs, disk_gib=chain.system_disk_gib(loaded, base_image))
+        system_gib = chain.system_disk_gib(loaded, base_image)
+        inputs = dataclasses.replace(
+            _build_inputs(staging, accelerator, key, vm), disk_gib=system_gib
+        )
         with step("render"):
             build_dir = render_build_dir(loaded, inputs, staging / "build", validate=False)
         with step("bundle"):
             payload = build_dir / "payload"
             build_payload(locks, payload, log=progress.log, conda_installer=conda_installer)
             check_free_disk(staging.parent, loaded, payload_size_gib(payload))
-        layers = chain.plan(loaded, base_image, build_dir)
+        layers = chain.plan(loaded, base_image, build_dir, system_gib)
         for status in explain(layers[1:], store):
             progress.log(f"layer {status.layer.name}: {'hit' if status.hit else 'miss'}"
                          f"{'' if status.hit else ' (' + status.why + ')'}")  # fmt: skip
@@ -237,23 +253,24 @@ def _run_stages(
             chain.write_security_index(layers, store, staging)
             (staging / "build.log").touch()
             with step("export"):
-                filled = delivery.fill(loaded, staging, image, options.ova_digest, progress)
+                staged, digests = delivery.fill(
+                    loaded, staging, image, options.ova_digest, progress
+                )
             guest = chain.guest_disk(layers, store, staging)
-            (staging / GUEST_DISK_FILE).write_text(json.dumps(guest))
-            _report_sizes(filled[0], guest, progress)
+            _report_sizes(staged, guest, progress)
             removed = store.prune(cache_max, keep=frozenset(layer.key for layer in layers))
     if removed:
-        freed = sum(record["bytes"] for record in removed) / 2**30
-        progress.log(f"cache: {len(removed)} least recently used layers removed ({freed:.1f} GiB)")
-    return filled
+        freed = human_bytes(sum(record["bytes"] for record in removed))
+        progress.log(f"cache: {len(removed)} least recently used layers removed ({freed})")
+    return _Built(staged, digests, guest)
 
 
 def _report_sizes(staged: Delivery, guest: dict | None, progress: Progress) -> None:
     """Each artifact's size next to the data in use inside the guest."""
-    used = f"{guest['used_bytes'] / 2**30:.2f} GiB in use" if guest else "in use unknown"
+    used = f"{human_bytes(guest['used_bytes'])} in use" if guest else "in use unknown"
     for artifact in staged.artifacts:
-        progress.log(f"{artifact.name}: {artifact.stat().st_size / 2**30:.2f} GiB ({used} "
-                     "inside the guest)")  # fmt: skip
+        size = human_bytes(artifact.stat().st_size)
+        progress.log(f"{artifact.name}: {size} ({used} inside the guest)")
 
 
 def _build_inputs(staging: Path, accelerator: str, key: KeyPair, vm: VMSize | None) -> BuildInputs:
@@ -270,25 +287,27 @@ def _build_inputs(staging: Path, accelerator: str, key: KeyPair, vm: VMSize | No
     )
 
 
+def _quiet(line: str) -> None:
+    """A log that drops its lines (--explain prints only its table)."""
+
+
 def explain_build(loaded: LoadedProfile, options: BuildOptions) -> list[LayerStatus]:
     """Each layer of the build, stored or not and why, without building anything (the lock
     is solved when it is stale, and the packages are fetched to key the environments)."""
-    locks = lock_profile(loaded, log=lambda line: None, locked=options.locked)
-    spec = loaded.profile.base
-    if isinstance(spec, str):
-        base_image = base.debian_base_image(spec, extra_packages=gpu_base_packages(loaded),
-                                            build=False)  # fmt: skip
-    else:
-        base_image = base.cloud_base_image(spec.url, spec.sha256, build=False)
+    locks = lock_profile(loaded, log=_quiet, locked=options.locked)
+    base_image = base_image_for(loaded, _quiet, build=False)
+    system_gib = chain.system_disk_gib(loaded, base_image)
     with staging_dir(options.outputs.resolve()) as scratch:
         with ephemeral_keypair("factory-explain") as key:
-            inputs = _build_inputs(scratch, "tcg", key, None)
+            inputs = dataclasses.replace(
+                _build_inputs(scratch, "tcg", key, None), disk_gib=system_gib
+            )
             build_dir = render_build_dir(loaded, inputs, scratch / "build", validate=False)
-        source = loaded.profile.conda.installer_source()
-        conda_installer = fetch_conda_installer(*source, log=lambda line: None) if source else None
-        build_payload(locks, build_dir / "payload", log=lambda line: None,
-                      conda_installer=conda_installer)  # fmt: skip
-        layers = chain.plan(loaded, base_image, build_dir)
+        payload = build_dir / "payload"
+        build_payload(
+            locks, payload, log=_quiet, conda_installer=conda_installer_for(loaded, _quiet)
+        )
+        layers = chain.plan(loaded, base_image, build_dir, system_gib)
         return explain(layers, LayerStore())
 
 

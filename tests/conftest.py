@@ -143,3 +143,15 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def forget_layer(profile: Path, name: str, outputs: Path) -> None:
+    """Remove the named layer of the profile's build (and those above it) from the layer
+    store, so that a build makes it again whatever earlier runs stored."""
+    from factory.layers import LayerStore
+    from factory.pipeline import BuildOptions, explain_build
+    from factory.profile import load_profile
+
+    for status in explain_build(load_profile(profile), BuildOptions(outputs=outputs)):
+        if status.layer.name == name and status.hit:
+            LayerStore().remove(status.layer.key)

@@ -21,7 +21,7 @@ from factory import export, updates
 from factory.cache import sha256_file
 from factory.export import virtual_hardware
 from factory.profile import load_profile
-from tests.conftest import DEMO_PROFILE, REPO, demo_variant, require_root, run_factory
+from tests.conftest import DEMO_PROFILE, REPO, demo_variant, forget_layer, require_root, run_factory
 from tests.image_edit import mounted_root, raw_copy
 
 pytestmark = pytest.mark.e2e
@@ -63,6 +63,17 @@ def assert_lock_free(outputs: Path, name: str) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def assert_host_install_released(outputs: Path) -> None:
+    """Nothing of an interrupted host layer is left: no mount or loop device under `outputs`,
+    no installer and no FUSE export still running."""
+    assert str(outputs) not in Path("/proc/self/mounts").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(outputs) not in loops
+    for leftover in ("install_env.py", "qemu-storage-daemon"):
+        found = subprocess.run(["pgrep", "-f", leftover], capture_output=True, text=True)
+        assert found.stdout == "", leftover
+
+
 def interrupt_demo_build(
     outputs: Path, marker: str, sig: int, profile: Path = DEMO_PROFILE
 ) -> None:
@@ -95,13 +106,9 @@ def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, e2e_out
     processes stop, the layer's FUSE export, file systems and loop device are released, and
     nothing is kept. The layers made before it stay stored, for the demo build that follows
     (the demo_delivery fixture)."""
+    forget_layer(DEMO_PROFILE, "env jupyter", e2e_outputs)  # stored by an earlier session
     interrupt_demo_build(e2e_outputs, "installing the environment", signal.SIGTERM)
-    assert str(e2e_outputs) not in Path("/proc/self/mounts").read_text()
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    assert str(e2e_outputs) not in loops
-    for leftover in ("install_env.py", "qemu-storage-daemon"):
-        found = subprocess.run(["pgrep", "-f", leftover], capture_output=True, text=True)
-        assert found.stdout == "", leftover
+    assert_host_install_released(e2e_outputs)
 
 
 def test_delivery_holds_every_artifact(demo_delivery):
