@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, require_root, run_factory
+from tests.conftest import FACTORY, REPO, require_root, run_factory
 
 pytestmark = pytest.mark.e2e
 
@@ -21,20 +21,51 @@ CLIENT_PROFILES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CLIENT_PROFILES))
-def client_delivery(request, demo_channel, tmp_path_factory):
-    """One client profile, unchanged, built and validated; (name, delivery, validation)."""
+@pytest.fixture(scope="module")
+def client_deliveries(demo_channel, tmp_path_factory):
+    """Both client profiles, unchanged, built together (`factory build A B --jobs 2`) and then
+    validated at the same time, each in its own VM: {name: (delivery, validation)}."""
     require_root()
-    name = request.param
-    outputs = tmp_path_factory.mktemp(f"outputs-{name}")
-    build = run_factory("build", str(REPO / "profiles" / f"{name}.yaml"), "--outputs", str(outputs))
-    print(build.stderr[-6000:], file=sys.stderr)
-    assert build.returncode == 0, build.stderr[-4000:]
-    delivery = outputs / name
-    validation = run_factory("validate", str(delivery))
-    print(validation.stdout, validation.stderr[-3000:], file=sys.stderr)
-    yield name, delivery, validation
+    outputs = tmp_path_factory.mktemp("outputs-clients")
+    profiles = [str(REPO / "profiles" / f"{name}.yaml") for name in sorted(CLIENT_PROFILES)]
+    build = run_factory("build", *profiles, "--jobs", "2", "--outputs", str(outputs))
+    print(build.stdout, build.stderr[-3000:], file=sys.stderr)
+    for log in sorted((outputs / "logs").glob("*.build.log")):
+        print(log.name, log.read_text()[-4000:], file=sys.stderr)
+    assert build.returncode == 0, build.stdout + build.stderr[-4000:]
+    validations = {
+        name: subprocess.Popen(
+            [*FACTORY, "validate", str(outputs / name)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in sorted(CLIENT_PROFILES)
+    }
+    results = {}
+    try:
+        for name, process in validations.items():
+            stdout, stderr = process.communicate(timeout=3600)
+            print(stdout, stderr[-3000:], file=sys.stderr)
+            results[name] = (
+                outputs / name,
+                subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+            )
+    finally:
+        for process in validations.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=120)
+    yield results
     subprocess.run(["rm", "-rf", str(outputs)], check=False)
+
+
+@pytest.fixture(params=sorted(CLIENT_PROFILES))
+def client_delivery(request, client_deliveries):
+    """One client profile's (name, delivery, validation)."""
+    delivery, validation = client_deliveries[request.param]
+    return request.param, delivery, validation
 
 
 def test_client_profile_validates_with_its_notebook(client_delivery):

@@ -1,90 +1,22 @@
 """The delivered disk booted as an importer boots it: no seed disk, so cloud-init falls back to
 no datasource. It must come up, print its host keys, answer on the ports it serves, and create
-no account beyond the profile's. There is no login without a seed, so the accounts are read
-through the QEMU guest agent, the channel libvirt and Proxmox add for it."""
+no account beyond the profile's. These checks run first, before the validator is let in
+through the QEMU guest agent (the channel libvirt and Proxmox add), so nobody has logged in
+yet; the accounts are read through the agent too."""
 
 from __future__ import annotations
 
-import base64
-import json
 import socket
 import time
-from pathlib import Path
 
 from factory.profile import LoadedProfile
-from factory.validate.boot import boot_delivery
+from factory.validate.agent import GuestAgent
+from factory.validate.boot import BootedVM
 from factory.validate.context import PASSED, CheckResult, result
 from factory.validate.web import http_request, unverified_tls
 
 GROUP = "importer"
 FIRST_HUMAN_UID, NOBODY_UID = 1000, 65534
-
-
-class GuestAgent:
-    """A client of the QEMU guest agent's JSON protocol on a unix socket."""
-
-    def __init__(self, path: Path, deadline: float) -> None:
-        self._sock: socket.socket | None = None
-        self._buffer = b""
-        while True:
-            try:
-                self._connect(path)
-                return
-            except OSError:
-                self.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
-
-    def _connect(self, path: Path) -> None:
-        self._sock = socket.socket(socket.AF_UNIX)
-        self._sock.settimeout(10)
-        self._sock.connect(str(path))
-        token = int(time.time()) & 0x7FFFFFFF
-        # guest-sync discards whatever an earlier client left half-read.
-        self._send({"execute": "guest-sync", "arguments": {"id": token}})
-        while self._reply() != token:
-            pass
-
-    def _send(self, message: dict) -> None:
-        assert self._sock is not None
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
-
-    def _reply(self) -> object:
-        assert self._sock is not None
-        while b"\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the guest agent closed the channel")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise OSError(answer["error"].get("desc", "guest agent error"))
-        return answer.get("return")
-
-    def call(self, command: str, **arguments: object) -> object:
-        self._send({"execute": command, "arguments": arguments})
-        return self._reply()
-
-    def read_file(self, path: str) -> str:
-        handle = self.call("guest-file-open", path=path, mode="r")
-        data = b""
-        try:
-            while True:
-                chunk = self.call("guest-file-read", handle=handle, count=65536)
-                assert isinstance(chunk, dict)
-                data += base64.b64decode(chunk.get("buf-b64", ""))
-                if chunk.get("eof") or not chunk.get("count"):
-                    break
-        finally:
-            self.call("guest-file-close", handle=handle)
-        return data.decode(errors="replace")
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
 
 def served_ports(loaded: LoadedProfile) -> list[int]:
@@ -153,52 +85,25 @@ def accounts_result(accounts: dict[str, str], admin: str) -> CheckResult:
     )
 
 
-def check_importer_boot(
-    disk: Path,
-    loaded: LoadedProfile,
-    memory_mib: int,
-    cpus: int,
-    accelerator: str,
-    cpu_model: str | None,
-    log=print,
-) -> list[CheckResult]:
-    """Boot `disk` without a seed and check what an importer meets."""
+def check_importer(vm: BootedVM, loaded: LoadedProfile, agent: GuestAgent) -> list[CheckResult]:
+    """What an importer meets on `vm`, booted without a seed, before anyone has logged in."""
     ports = served_ports(loaded)
-    results = []
-    with boot_delivery(
-        disk,
-        memory_mib,
-        cpus,
-        accelerator,
-        cpu_model=cpu_model,
-        restrict_network=True,
-        forward_ports=ports,
-        seed=False,
-        log=log,
-    ) as vm:
-        results.append(
-            CheckResult(
-                "importer: boots without a seed and prints its host keys",
-                PASSED,
-                f"{len(vm.host_keys)} host key(s) on the console after {vm.boot_seconds:.0f} s",
-                group=GROUP,
-            )
+    results = [
+        CheckResult(
+            "importer: boots without a seed and prints its host keys",
+            PASSED,
+            f"{len(vm.host_keys)} host key(s) on the console after {vm.boot_seconds:.0f} s",
+            group=GROUP,
         )
-        deadline = time.monotonic() + 300
-        answered, silent = [], []
-        for port in ports:
-            try:
-                answered.append(
-                    f"{port}: {_answers(port, ('127.0.0.1', vm.forwards[port]), deadline)}"
-                )
-            except ConnectionError as error:
-                silent.append(f"{port}: {error}")
-        results.append(ports_result(ports, answered, silent))
-        assert vm.agent_socket is not None
-        agent = GuestAgent(vm.agent_socket, time.monotonic() + 300)
+    ]
+    deadline = time.monotonic() + 300
+    answered, silent = [], []
+    for port in ports:
         try:
-            accounts = human_accounts(agent.read_file("/etc/passwd"))
-        finally:
-            agent.close()
-        results.append(accounts_result(accounts, loaded.profile.admin.user))
+            answered.append(f"{port}: {_answers(port, ('127.0.0.1', vm.forwards[port]), deadline)}")
+        except ConnectionError as error:
+            silent.append(f"{port}: {error}")
+    results.append(ports_result(ports, answered, silent))
+    accounts = human_accounts(agent.read_file("/etc/passwd"))
+    results.append(accounts_result(accounts, loaded.profile.admin.user))
     return results

@@ -17,9 +17,10 @@ from factory.delivery import Delivery
 from factory.errors import FactoryError
 from factory.profile import ENV_NAME, LoadedProfile, load_profile
 from factory.updates import SecurityIndex
+from factory.validate.agent import GuestAgent, admit_login
 from factory.validate.boot import VALIDATOR_USER, boot_delivery, extract_ova_disk
 from factory.validate.context import FAILED, PASSED, CheckContext, CheckResult
-from factory.validate.importer import check_importer_boot
+from factory.validate.importer import check_importer, served_ports
 from factory.validate.recording import Recording, RecordingTarget, recording_path
 from factory.validate.report import write_reports
 from factory.validate.suites import SUITES, run_all_checks
@@ -57,7 +58,9 @@ def validate_delivery(
     log=print,
     only: tuple[str, ...] = SUITES,
 ) -> ValidationOutcome:
-    """Boot the delivery's OVA disk on an overlay and run every check of the profile."""
+    """Boot the delivery's OVA disk on an overlay, as the client does (no seed disk), check
+    what an importer meets, let the validator in through the guest agent, and run every check
+    of the profile."""
     parts = _open_delivery(delivery.resolve())
     delivery, ova = parts.path, parts.ova
     loaded = load_profile(profile_path or parts.profile)
@@ -70,10 +73,6 @@ def validate_delivery(
         vm_size = host.local_vm_size(min(resources.cpus, 2), resources.memory)
         cpu_choice = validation_cpu(loaded.profile.cpu_baseline, accel)
         log(f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}")
-        first: list[CheckResult] = []
-        if "importer" in only:
-            log("booting the disk as an importer does: no seed disk")
-            first = _importer_boot(disk, loaded, vm_size, accel, cpu_choice.model, log)
         with boot_delivery(
             disk,
             vm_size.memory_mib,
@@ -82,10 +81,22 @@ def validate_delivery(
             cpu_model=cpu_choice.model,
             # No check needs the internet; cut off, the guest cannot reach the host's loopback.
             restrict_network=True,
-            forward_ports=[*loaded.profile.open_ports(), probe_port],
+            forward_ports=[*loaded.profile.open_ports(), *served_ports(loaded), probe_port],
+            seed=False,  # as the client boots it: cloud-init finds no datasource
             log=log,
         ) as vm:
-            log(f"host keys read from the console after {vm.boot_seconds:.0f} s; logging in")
+            log(f"host keys read from the console after {vm.boot_seconds:.0f} s")
+            assert vm.agent_socket is not None
+            agent = GuestAgent(vm.agent_socket, time.monotonic() + 300)
+            try:
+                first = []
+                if "importer" in only:
+                    log("checking what an importer meets, before anyone logs in")
+                    first = _importer_checks(vm, loaded, agent)
+                log("letting the validator in through the guest agent")
+                admit_login(agent, VALIDATOR_USER, vm.key.public_key)
+            finally:
+                agent.close()
             target = connect(
                 "127.0.0.1",
                 vm.ssh_port,
@@ -141,12 +152,10 @@ def unlisted_port(loaded: LoadedProfile) -> int:
     return next(p for p in range(7777, 8000) if p not in loaded.profile.open_ports())
 
 
-def _importer_boot(disk, loaded, vm_size, accel, cpu_model, log) -> list[CheckResult]:
+def _importer_checks(vm, loaded, agent) -> list[CheckResult]:
     try:
-        return check_importer_boot(
-            disk, loaded, vm_size.memory_mib, vm_size.cpus, accel, cpu_model, log=log
-        )
-    except FactoryError as error:
+        return check_importer(vm, loaded, agent)
+    except (FactoryError, OSError) as error:
         return [CheckResult("importer: boots without a seed", FAILED, str(error), group="importer")]
 
 

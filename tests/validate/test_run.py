@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from factory.validate import SUITES, run, validate_delivery
+from factory.validate.boot import VALIDATOR_USER
 from factory.validate.recording import RECORD_ENV
 from factory.validate.target import ScriptedTarget
 from tests.validate.conftest import DELIVERY, copy_delivery, recording
@@ -31,8 +32,15 @@ def delivery(tmp_path, monkeypatch) -> tuple[Path, dict]:
         key = SimpleNamespace(private_key_file=tmp_path / "key", public_key="ssh-ed25519 AAAA")
         yield SimpleNamespace(
             ssh_port=FORWARDS[22], host_keys=["ssh-ed25519 AAAA"], key=key,
-            boot_seconds=1.0, forwards=FORWARDS,
+            boot_seconds=1.0, forwards=FORWARDS, agent_socket=tmp_path / "agent.sock",
         )  # fmt: skip
+
+    class Agent:
+        def __init__(self, path, deadline):
+            seen["agent"] = path
+
+        def close(self):
+            seen["agent closed"] = True
 
     def connect(host, port, user, key_file, host_keys, deadline, forwards=None):
         seen["connect"] = (host, port, forwards)
@@ -42,14 +50,17 @@ def delivery(tmp_path, monkeypatch) -> tuple[Path, dict]:
     monkeypatch.setattr(run.kvm, "choose_accelerator", lambda requested: "tcg")
     monkeypatch.setattr(run, "boot_delivery", booted)
     monkeypatch.setattr(run, "connect", connect)
+    monkeypatch.setattr(run, "GuestAgent", Agent)
+    monkeypatch.setattr(run, "admit_login", lambda agent, user, key: seen.update(admitted=user))
     return folder, seen
 
 
 def test_a_delivery_run_wires_the_target_to_the_forwarded_ports(delivery, tmp_path):
     folder, seen = delivery
-    only = tuple(s for s in SUITES if s != "importer")  # the importer boots a VM of its own
+    only = tuple(s for s in SUITES if s != "importer")  # its ports and agent are not recorded
     outcome = validate_delivery(folder, log=lambda line: None, only=only)
     assert outcome.failed == []
+    assert seen["admitted"] == VALIDATOR_USER and seen["agent closed"]
     assert seen["connect"] == ("127.0.0.1", FORWARDS[22], FORWARDS)
     assert 7777 in seen["forward_ports"]
     report = json.loads((folder / "report.json").read_text())
