@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from factory import assemble, cache, updates
+from factory import assemble, cache, sbom, updates
 from factory.build import run_packer
 from factory.delivery import HOST_ONLY_PAYLOAD_DIRS
 from factory.export import qemu_img_info
@@ -148,6 +148,7 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path, system_gib: i
         ),  # fmt: skip
         "offline": str(int(profile.offline)),
         "host_code": host_code,
+        "inventory_code": _fingerprint(sbom),
     }
     tls = profile.jupyter.tls is not None
     chain.append(Layer("client", client_inputs, chain[-1], cacheable=not tls))
@@ -303,12 +304,22 @@ def _make_client(layer: Layer, parent: Path, work: Path, job: LayerBuild) -> tup
         run.step("removing the build's leftovers and trimming free space")
         assemble.seal(run, mnt)
         usage = shutil.disk_usage(mnt)
-        return {"guest_disk": {"used_bytes": usage.used, "size_bytes": usage.total}}
+        run.step("reading the image's packages for its SBOM")
+        return {
+            "guest_disk": {"used_bytes": usage.used, "size_bytes": usage.total},
+            "inventory": sbom.to_json(sbom.read_inventory(mnt)),
+        }
 
     return _host_layer(steps, parent, work, job)
 
 
 _MAKERS = {"system": _make_system, "conda": _make_conda, "env": _make_env, "client": _make_client}
+
+
+def write_sbom(chain: list[Layer], store: LayerStore, staging: Path, loaded: LoadedProfile) -> None:
+    """The delivery's SBOM, from the packages the client layer found in the image."""
+    packages = sbom.from_json(_record(chain, "client", store, staging)["inventory"])
+    sbom.write_sbom(packages, loaded.name, f"v{loaded.profile.version}", staging / sbom.SBOM_FILE)
 
 
 def write_security_index(chain: list[Layer], store: LayerStore, staging: Path) -> None:

@@ -261,7 +261,9 @@ def validate(
     accelerator: str,
     only: str | None,
 ) -> None:
-    """Boot the delivered OVA (or reach --host) and check what the profile promises."""
+    """Boot the delivered OVA (or reach --host) and check what the profile promises. With
+    --host and DELIVERY, the live machine is checked against that delivery: its profile, its
+    locks, and its SBOM (packages added, removed or changed since, listeners not delivered)."""
     from factory.progress import plain_log
     from factory.validate import SUITES, validate_delivery, validate_host
 
@@ -276,11 +278,17 @@ def validate(
                 f"use some of {', '.join(SUITES)}"
             )
     if address:
+        if profile_path is None and delivery is not None:
+            profile_path = delivery / "profile.yaml"
         if profile_path is None:
-            raise FactoryError("--host needs --profile: the checks come from the profile")
+            raise FactoryError(
+                "--host needs the delivery it was made from (DELIVERY) or --profile: the checks "
+                "come from the profile"
+            )
         outcome = validate_host(
             address,
             profile_path=profile_path,
+            delivery=delivery,
             key_file=identity,
             report_dir=report_dir or Path("."),
             log=plain_log,

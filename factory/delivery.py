@@ -24,6 +24,7 @@ from factory.handover import write_handover
 from factory.profile import LoadedProfile, load_profile
 from factory.progress import Progress
 from factory.resolve import lock_dir_for
+from factory.sbom import SBOM_FILE
 
 # Payload parts the host-side install uses and the build VM never needs.
 HOST_ONLY_PAYLOAD_DIRS = ["channel", "wheels", "installer", "conda-installer"]
@@ -69,6 +70,7 @@ class Delivery:
     build_dir = _Part("build")
     build_log = _Part("build.log")
     security_index = _Part(updates.INDEX_FILE)
+    sbom = _Part(SBOM_FILE)
 
     @classmethod
     def of(cls, outputs: Path, loaded: LoadedProfile) -> Delivery:
@@ -136,6 +138,7 @@ def fill(
     shutil.copytree(build_dir, delivery.build_dir)
     shutil.copy2(staging / "build.log", delivery.build_log)
     shutil.copy2(staging / updates.INDEX_FILE, delivery.security_index)
+    shutil.copy2(staging / SBOM_FILE, delivery.sbom)
     return delivery, digests
 
 

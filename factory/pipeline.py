@@ -251,6 +251,7 @@ def _run_stages(
                 with step(layer.name, log="build.log"):
                     image = chain.ensure(layer, image, job)
             chain.write_security_index(layers, store, staging)
+            chain.write_sbom(layers, store, staging, loaded)
             (staging / "build.log").touch()
             with step("export"):
                 staged, digests = delivery.fill(

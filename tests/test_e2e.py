@@ -246,6 +246,7 @@ def test_demo_validates(demo_validation, demo_delivery):
         "jupyter: service active",
         "demo: matches its lock",
         "jupyter: matches its lock",
+        "sbom: lists every package in the image, and nothing else",
         "ssh: root login with an authorised key is refused",
         "hygiene: no build credentials left",
         "offline: the guest has no network egress",

@@ -9,6 +9,7 @@ that it left no machine, volume, box or QEMU behind. One `vagrant up` serves eve
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -299,6 +300,54 @@ def test_validator_environment_check_passes_inside_the_box(tester, demo_delivery
     # The same check, pointed at an environment the image does not have, fails.
     absent = loaded.profile.environments[0].model_copy(update={"name": "absent"})
     assert [r.status for r in check_environment(ctx, absent)] == ["failed"]
+
+
+def test_live_host_reports_drift_since_the_delivery(tester, demo_delivery, tmp_path):
+    """On the running box, one Debian package is added and one port opened; `factory validate
+    --host ... DELIVERY` reports both against the delivery's SBOM and profile, and the SBOM's
+    other packages as unchanged."""
+    session, _steps = tester
+    config = dict(
+        line.strip().split(" ", 1)
+        for line in session.sh("vagrant ssh-config").stdout.splitlines()
+        if line.strip() and " " in line.strip()
+    )
+    package = tmp_path / "factory-drift-probe"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        "Package: factory-drift-probe\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: factory tests <tests@factory.invalid>\nDescription: drift probe\n"
+    )
+    subprocess.run(["dpkg-deb", "--build", str(package), str(tmp_path / "probe.deb")], check=True)
+    encoded = base64.b64encode((tmp_path / "probe.deb").read_bytes()).decode()
+    added = session.sh(
+        "vagrant ssh -c 'base64 -d > /tmp/probe.deb && sudo dpkg -i /tmp/probe.deb && "
+        "sudo systemd-run --unit factory-drift-listener python3 -m http.server 8123'",
+        stdin=encoded,
+    )
+    assert added.returncode == 0, added.stderr[-2000:]
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    scan = subprocess.run(
+        ["ssh-keyscan", "-p", config["Port"], config["HostName"]], capture_output=True, text=True
+    )
+    (home / ".ssh" / "known_hosts").write_text(scan.stdout)
+    address = f"{config['User']}@{config['HostName']}:{config['Port']}"
+    result = run_factory(
+        "validate", "--host", address, str(demo_delivery), "--identity",
+        config["IdentityFile"].strip('"'), "--only", "sbom,firewall",
+        "--report-dir", str(tmp_path / "reports"), env={"HOME": str(home)},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = {
+        c["name"]: c
+        for c in json.loads((tmp_path / "reports" / "report.json").read_text())["checks"]
+    }
+    drift = checks["drift: no package added, removed or changed since the delivery"]
+    assert drift["status"] == "failed"
+    assert drift["detail"].startswith("added: deb:factory-drift-probe 1.0 (machine:"), drift
+    listeners = checks["firewall: only the listed ports listen"]
+    assert listeners["status"] == "failed" and "8123" in listeners["detail"], listeners
 
 
 def test_guide_clean_up_leaves_nothing_behind(tester):

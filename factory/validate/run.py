@@ -124,7 +124,11 @@ def validate_delivery(
                     throwaway_vm=True,
                     locks=_delivery_locks(parts),
                     unlisted_port=probe_port,
-                    extra={"cpu": cpu_choice, **_delivery_security_index(parts)},
+                    extra={
+                        "cpu": cpu_choice,
+                        **_delivery_security_index(parts),
+                        **_delivery_sbom(parts),
+                    },
                 )
                 log("running checks")
                 results = [*first, login, *run_all_checks(ctx, only)]
@@ -167,6 +171,11 @@ def _delivery_security_index(delivery: Delivery) -> dict:
         return {}
     data = json.loads(path.read_text())
     return {"security_index": SecurityIndex.from_json(data) if data else None}
+
+
+def _delivery_sbom(delivery: Delivery) -> dict:
+    """{"sbom": its path}, or {} for a delivery made before factory wrote one."""
+    return {"sbom": delivery.sbom} if delivery.sbom.is_file() else {}
 
 
 def _delivery_locks(delivery: Delivery) -> list[dict]:
@@ -225,10 +234,13 @@ def validate_host(
     report_dir: Path,
     log=print,
     only: tuple[str, ...] = SUITES,
+    delivery: Path | None = None,
 ) -> ValidationOutcome:
     """Run the same checks against a live machine: over SSH (host keys from known_hosts),
-    or on this machine itself when `address` is LOCAL_HOST."""
+    or on this machine itself when `address` is LOCAL_HOST. Given the `delivery` it was made
+    from, its locks and SBOM are checked too: what changed since it was delivered."""
     loaded: LoadedProfile = load_profile(profile_path)
+    parts = _open_delivery(delivery.resolve()) if delivery is not None else None
     target: Target
     if address == LOCAL_HOST:
         target = LocalTarget()
@@ -240,7 +252,13 @@ def validate_host(
         target = RecordingTarget(target, Recording(record))
     log(f"running checks on {target.description}")
     try:
-        ctx = CheckContext(target=target, loaded=loaded, throwaway_vm=False)
+        ctx = CheckContext(
+            target=target,
+            loaded=loaded,
+            throwaway_vm=False,
+            locks=_delivery_locks(parts) if parts else [],
+            extra=_delivery_sbom(parts) if parts else {},
+        )
         results = run_all_checks(ctx, only)
     finally:
         target.close()

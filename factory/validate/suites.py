@@ -16,6 +16,7 @@ from factory.validate import (
     gpu,
     https,
     hygiene,
+    inventory,
     jupyter,
     offline,
     services,
@@ -30,6 +31,7 @@ SUITES = (
     "cloud-init",
     "env",
     "lock",
+    "sbom",
     "jupyter",
     "https",
     "kernels",
@@ -49,6 +51,7 @@ Check = Callable[[CheckContext], list[CheckResult]]
 # After the per-environment and per-lock suites, in this order ("importer" boots its own VM
 # and runs in run.py).
 MACHINE_CHECKS: list[tuple[str, Check]] = [
+    ("sbom", inventory.check_sbom),  # before `offline` adds its probe environment
     ("jupyter", jupyter.check_jupyter),
     ("https", https.check_https),
     ("kernels", jupyter.check_kernels_and_samples),
