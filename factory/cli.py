@@ -19,6 +19,7 @@ from factory import __version__
 from factory.cache import set_cache_dir
 from factory.cli_build import build
 from factory.cli_cache import cache
+from factory.cli_lifecycle import diff, new, release
 from factory.cli_options import (
     EXPORT_FORMATS,
     PipelineGroup,
@@ -92,6 +93,9 @@ def doctor(refresh: bool) -> None:
 
 cli.add_command(build)
 cli.add_command(cache)
+cli.add_command(diff)
+cli.add_command(new)
+cli.add_command(release)
 
 
 @cli.command()

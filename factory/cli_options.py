@@ -44,7 +44,7 @@ def format_option(default: str):
 
 
 PIPELINE_COMMANDS = ("lock", "bundle", "base", "render", "build", "export", "validate")
-TOOL_COMMANDS = ("cache", "credentials", "doctor", "schema")
+TOOL_COMMANDS = ("cache", "credentials", "diff", "doctor", "new", "release", "schema")
 
 
 class PipelineGroup(click.Group):
