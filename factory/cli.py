@@ -28,6 +28,7 @@ from factory.cli_options import (
     outputs_option,
     ova_digest_option,
 )
+from factory.cli_verify import keygen, verify
 from factory.errors import FactoryError
 from factory.processes import Terminated, signals_as_exceptions
 
@@ -96,6 +97,8 @@ cli.add_command(cache)
 cli.add_command(diff)
 cli.add_command(new)
 cli.add_command(release)
+cli.add_command(keygen)
+cli.add_command(verify)
 
 
 @cli.command()
@@ -208,7 +211,11 @@ def render(profile: Path, outputs: Path, into: Path | None) -> None:
 )
 @box_url_option
 def export_command(
-    delivery: Path, formats: str, ova_digest: str, box_root: Path | None, box_url: str | None
+    delivery: Path,
+    formats: str,
+    ova_digest: str | None,
+    box_root: Path | None,
+    box_url: str | None,
 ) -> None:
     """Write a delivery's OVA or Vagrant boxes (again) from its qcow2."""
     from factory.boxes import BOX_FORMATS, parse_formats
@@ -219,7 +226,8 @@ def export_command(
     with Progress() as progress:
         written = reexport(
             delivery,
-            ova_digest=ova_digest if "ova" in chosen else None,
+            ova="ova" in chosen,
+            ova_digest=ova_digest,
             box_formats=[f for f in chosen if f in BOX_FORMATS],
             box_root=box_root,
             box_url=box_url,

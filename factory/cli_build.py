@@ -73,7 +73,7 @@ def build(
     force: bool,
     locked: bool,
     time_limit: float | None,
-    ova_digest: str,
+    ova_digest: str | None,
     formats: str,
     box_url: str | None,
     jobs: int,
@@ -141,7 +141,7 @@ def _build_one(profile: Path, options: BuildOptions, formats: str, box_url: str 
     final = build_image(loaded, options)
     if boxes:
         with Progress() as progress:
-            reexport(final, ova_digest=None, box_formats=boxes, box_url=box_url, progress=progress)
+            reexport(final, ova=False, box_formats=boxes, box_url=box_url, progress=progress)
     click.echo(built_line(loaded.name, time.monotonic() - started, final))
 
 

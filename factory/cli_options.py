@@ -21,10 +21,9 @@ EXPORT_FORMATS = ("ova", "vagrant-libvirt", "vagrant-virtualbox")
 ova_digest_option = click.option(
     "--ova-digest",
     type=click.Choice(["sha1", "sha256"]),
-    default="sha1",
-    show_default=True,
-    help="OVA flavour: sha1 = OVF 1.0 with a SHA1 manifest (every importer reads it); "
-    "sha256 = OVF 2.0 with a SHA256 manifest (not read by Proxmox or older vSphere).",
+    help="OVA flavour: sha1 = OVF 1.0 with a SHA1 manifest (the default; every importer reads "
+    "it); sha256 = OVF 2.0 with a SHA256 manifest (not read by Proxmox or older vSphere). A "
+    "profile with signing.key always gets OVF 1.0 with a SHA256 manifest and certificate.",
 )
 box_url_option = click.option(
     "--box-url",
@@ -44,7 +43,17 @@ def format_option(default: str):
 
 
 PIPELINE_COMMANDS = ("lock", "bundle", "base", "render", "build", "export", "validate")
-TOOL_COMMANDS = ("cache", "credentials", "diff", "doctor", "new", "release", "schema")
+TOOL_COMMANDS = (
+    "cache",
+    "credentials",
+    "diff",
+    "doctor",
+    "keygen",
+    "new",
+    "release",
+    "schema",
+    "verify",
+)
 
 
 class PipelineGroup(click.Group):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from factory import __version__, boxes, export, updates
+from factory import __version__, boxes, export, signing, updates
 from factory.checksums import digests_of, relative_name, write_checksums
 from factory.errors import FactoryError
 from factory.files import file_lock, replace_path, write_text_atomically
@@ -118,17 +118,22 @@ def fill(
     manifest, so they are hashed once)."""
     delivery = Delivery(staging / "delivery", loaded.name)
     delivery.path.mkdir()
-    hardware = export.virtual_hardware(loaded)
+    signer = signing.profile_signer(loaded)
+    hardware = export.virtual_hardware(
+        loaded, signing.vendor(loaded, signer), full_version(_git_state())
+    )
     # Both conversions compress on one core each: run them side by side.
     progress.update("writing the OVA and the compressed qcow2")
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         compressing = pool.submit(
             export.export_qcow2, built, delivery.path, loaded.name, progress.log
         )
-        export.export_ova(built, hardware, delivery.path, digest=ova_digest, log=progress.log)
+        export.export_ova(
+            built, hardware, delivery.path, digest=ova_digest, log=progress.log, signer=signer
+        )
         compressing.result()
     digests = digests_of(delivery.artifacts)
-    write_checksums(delivery.path, delivery.artifacts, digests)
+    write_signed_checksums(delivery, digests, signer)
     write_delivered_profile(loaded, delivery)
     write_handover(loaded, delivery.path)
     shutil.copytree(lock_dir_for(loaded), delivery.locks)
@@ -224,6 +229,14 @@ def _git_state() -> dict | None:
     return {"revision": revision.strip(), "dirty": bool(status.strip())}
 
 
+def full_version(git: dict | None) -> str:
+    """The OVF FullVersion of an image: the factory revision that built it (as manifest.json
+    records it), or the factory release where no checkout is at hand."""
+    if not git:
+        return f"factory {__version__}"
+    return git["revision"] + ("-dirty" if git["dirty"] else "")
+
+
 def _utc_iso(moment: datetime) -> str:
     # A naive datetime is taken as local time, which is what datetime.now() returns.
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -280,10 +293,20 @@ def write_build_manifest(
     )
 
 
-def record_artifacts(delivery: Delivery) -> None:
-    """After a re-export: SHA256SUMS and manifest.json list the artifacts as they are now."""
-    digests = digests_of(delivery.artifacts)
+def write_signed_checksums(
+    delivery: Delivery, digests: Mapping[Path, str], signer: signing.Signer | None
+) -> None:
+    """SHA256SUMS of the artifacts, and with a signer its signature and certificate."""
     write_checksums(delivery.path, delivery.artifacts, digests)
+    if signer is not None:
+        signing.sign_checksums(delivery.path, signer)
+
+
+def record_artifacts(delivery: Delivery, signer: signing.Signer | None = None) -> None:
+    """After a re-export: SHA256SUMS (signed again) and manifest.json list the artifacts as
+    they are now."""
+    digests = digests_of(delivery.artifacts)
+    write_signed_checksums(delivery, digests, signer)
     manifest = json.loads(delivery.manifest.read_text())
     manifest["artifacts"] = _artifact_records(delivery.path, delivery.artifacts, digests)
     write_text_atomically(delivery.manifest, json.dumps(manifest, indent=2) + "\n")
@@ -295,32 +318,40 @@ def record_artifacts(delivery: Delivery) -> None:
 def reexport(
     path: Path,
     *,
-    ova_digest: str | None,
+    ova: bool,
+    ova_digest: str | None = None,
     box_formats: list[str],
     box_root: Path | None = None,
     box_url: str | None = None,
     progress: Progress,
 ) -> list[Path]:
-    """Write a delivery's OVA (when ova_digest is given) and Vagrant boxes again from its
-    qcow2: the profile is read once and the delivery locked once. An old OVA is replaced only
-    when the new one is complete."""
+    """Write a delivery's OVA (with `ova`, signed again when its profile signs) and Vagrant
+    boxes again from its qcow2: the profile is read once and the delivery locked once. An old
+    OVA is replaced only when the new one is complete."""
     boxes.check_box_url(box_url)
     opened = open_delivery(path)
     delivery, loaded = opened.delivery, opened.loaded
+    signer = signing.profile_signer(loaded) if ova else None
     written: list[Path] = []
     with delivery.lock():
-        if ova_digest is not None:
+        if ova:
             progress.set_stage("export")
+            # The image is the one the recorded revision built, whichever factory re-exports it.
+            built_by = json.loads(delivery.manifest.read_text()).get("git")
+            hardware = export.virtual_hardware(
+                loaded, signing.vendor(loaded, signer), full_version(built_by)
+            )
             written.append(
                 export.export_ova(
                     delivery.qcow2,
-                    export.virtual_hardware(loaded),
+                    hardware,
                     delivery.path,
                     digest=ova_digest,
                     log=progress.log,
+                    signer=signer,
                 )
             )
-            record_artifacts(delivery)
+            record_artifacts(delivery, signer)
         if box_formats:
             progress.set_stage("boxes")
             written += _write_boxes(opened, box_formats, box_root, box_url, progress.log)

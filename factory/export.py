@@ -22,6 +22,7 @@ from factory import __version__, tools
 from factory.errors import FactoryError, ToolError
 from factory.files import staging_dir
 from factory.profile import LoadedProfile
+from factory.signing import Signer, ova_certificate_text
 from factory.templates import render_template
 
 NETWORK_NAME = "VM Network"
@@ -36,14 +37,20 @@ class OvfFlavor:
     manifest_label: str
 
 
+OVF1_NAMESPACE = "http://schemas.dmtf.org/ovf/envelope/1"
+OVF2_NAMESPACE = "http://schemas.dmtf.org/ovf/envelope/2"
 # The manifest digest picks the OVF version, so that readers that go by the spec (COT) agree:
 # DSP0243 1.x prescribes SHA1, 2.x SHA256. The default is OVF 1.0 + SHA1 because every importer
 # reads OVF 1.0 (vSphere, VirtualBox, Proxmox `qm importovf`, oVirt, virt-v2v), while OVF 2.0
 # is not read by Proxmox and older vSphere. The digest only guards the transfer, it signs nothing.
 OVA_DIGESTS = {
-    "sha1": OvfFlavor("1.0", "http://schemas.dmtf.org/ovf/envelope/1", "SHA1"),
-    "sha256": OvfFlavor("2.0", "http://schemas.dmtf.org/ovf/envelope/2", "SHA256"),
+    "sha1": OvfFlavor("1.0", OVF1_NAMESPACE, "SHA1"),
+    "sha256": OvfFlavor("2.0", OVF2_NAMESPACE, "SHA256"),
 }
+# A signed OVA is what ovftool writes and vSphere checks: an OVF 1.0 descriptor (read by every
+# importer) with a SHA256 manifest and certificate, since a signature over SHA1 digests proves
+# little. COT takes the digest from the OVF version and so misreads this manifest as SHA1.
+SIGNED_OVA = OvfFlavor("1.0", OVF1_NAMESPACE, "SHA256")
 DEFAULT_OVA_DIGEST = "sha1"
 # ustar stores a member's size in 11 octal digits.
 USTAR_MAX_MEMBER_SIZE = 8**11 - 1
@@ -67,6 +74,24 @@ GUEST_OS_TYPES = {
 
 
 @dataclass(frozen=True)
+class Product:
+    """The OVF ProductSection: what the appliance is, who delivers it, which build made it."""
+
+    name: str
+    version: str = ""
+    vendor: str = ""  # the delivery team; left out when unknown
+    full_version: str = ""  # the factory revision that built the image
+
+    def __post_init__(self) -> None:
+        for field in ("name", "version", "vendor", "full_version"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or XML_FORBIDDEN.search(value):
+                raise FactoryError(
+                    f"product.{field} must be text without control characters; XML cannot hold them"
+                )
+
+
+@dataclass(frozen=True)
 class VirtualHardware:
     name: str
     cpus: int
@@ -74,6 +99,7 @@ class VirtualHardware:
     disk_gib: int
     os_type: str = "debian"
     description: str = ""
+    product: Product | None = None  # None: the ProductSection names only the VM
 
     def __post_init__(self) -> None:
         check_artifact_name(self.name)
@@ -96,15 +122,24 @@ class VirtualHardware:
         return GUEST_OS_TYPES[self.os_type]
 
 
-def virtual_hardware(loaded: LoadedProfile) -> VirtualHardware:
-    """The virtual machine a profile's artifacts describe."""
-    resources = loaded.profile.resources
+def virtual_hardware(
+    loaded: LoadedProfile, vendor: str = "", full_version: str = ""
+) -> VirtualHardware:
+    """The virtual machine a profile's artifacts describe. Its product is client_project at
+    version vN; `vendor` and `full_version` are known only where the delivery is made."""
+    profile, resources = loaded.profile, loaded.profile.resources
     return VirtualHardware(
         name=loaded.name,
         cpus=resources.cpus,
         memory_mib=resources.memory,
         disk_gib=resources.disk,
-        description=loaded.profile.description,
+        description=profile.description,
+        product=Product(
+            name=f"{profile.client}_{profile.project}".replace("-", "_"),
+            version=f"v{profile.version}",
+            vendor=vendor,
+            full_version=full_version,
+        ),
     )
 
 
@@ -206,13 +241,19 @@ def render_ovf(
     digest: str = DEFAULT_OVA_DIGEST,
 ) -> str:
     """The OVF descriptor: the first disk boots; the others follow it on the same controller."""
+    return _descriptor(hardware, disks, _ovf_flavor(digest))
+
+
+def _descriptor(
+    hardware: VirtualHardware, disks: _OvfDisk | list[_OvfDisk], flavor: OvfFlavor
+) -> str:
     disks = [disks] if isinstance(disks, _OvfDisk) else list(disks)
     text = render_template(
         "ovf.xml.j2",
         hw=hardware,
         guest_os=hardware.guest_os,
         disks=disks,
-        ovf_namespace=_ovf_flavor(digest).namespace,
+        ovf_namespace=flavor.namespace,
         network=NETWORK_NAME,
         factory_version=__version__,
     )
@@ -230,6 +271,19 @@ def _ovf_flavor(digest: str) -> OvfFlavor:
             "or 'sha256' (OVF 2.0)"
         )
     return OVA_DIGESTS[digest]
+
+
+def ova_flavor(digest: str | None, signed: bool) -> OvfFlavor:
+    """The OVA's OVF version and manifest digest: as `digest` asks (default sha1), or, for a
+    signed OVA, SIGNED_OVA, which a SHA1 manifest would defeat."""
+    if not signed:
+        return _ovf_flavor(digest or DEFAULT_OVA_DIGEST)
+    if digest not in (None, "sha256"):
+        raise FactoryError(
+            f"--ova-digest {digest}: the profile signs its deliveries (signing.key), and a signed "
+            "OVA carries a SHA256 manifest; leave --ova-digest out"
+        )
+    return SIGNED_OVA
 
 
 def convert_to_stream_vmdk(disk: Path, fmt: str, vmdk: Path) -> _OvfDisk:
@@ -293,19 +347,23 @@ def export_ova(
     disk: Path,
     hardware: VirtualHardware,
     out_dir: Path,
-    digest: str = DEFAULT_OVA_DIGEST,
+    digest: str | None = None,
     log: Callable = print,
+    signer: Signer | None = None,
 ) -> Path:
-    """Package the disk as out_dir/<name>.ova: OVF descriptor, streamOptimized VMDK, manifest.
+    """Package the disk as out_dir/<name>.ova: OVF descriptor, streamOptimized VMDK, manifest,
+    and with a signer the certificate <name>.cert, last.
 
     digest="sha1" writes OVF 1.0 with a SHA1 manifest (the default, read by every importer);
-    "sha256" writes OVF 2.0 with a SHA256 manifest (see OVA_DIGESTS).
+    "sha256" writes OVF 2.0 with a SHA256 manifest (see OVA_DIGESTS); a signed OVA is OVF 1.0
+    with a SHA256 manifest (SIGNED_OVA).
     """
-    flavor = _ovf_flavor(digest)
+    flavor = ova_flavor(digest, signed=signer is not None)
     disk, out_dir = Path(disk), Path(out_dir)
     fmt = input_disk_format(disk)
     name = hardware.name
     ovf_name, vmdk_name, mf_name = f"{name}.ovf", f"{name}-disk1.vmdk", f"{name}.mf"
+    cert_name = f"{name}.cert"
     target = out_dir / f"{name}.ova"
 
     with staging_dir(out_dir) as staging:
@@ -318,19 +376,26 @@ def export_ova(
             )
 
         log(f"export: writing OVF {flavor.ovf_version} descriptor {ovf_name}")
-        (staging / ovf_name).write_text(render_ovf(hardware, ovf_disk, digest), encoding="utf-8")
+        descriptor = _descriptor(hardware, ovf_disk, flavor)
+        (staging / ovf_name).write_text(descriptor, encoding="utf-8")
 
         log(f"export: writing {flavor.manifest_label} manifest {mf_name}")
-        (staging / mf_name).write_text(
-            "".join(
-                f"{flavor.manifest_label}({member})= {_file_digest(staging / member, digest)}\n"
-                for member in (ovf_name, vmdk_name)
-            ),
-            encoding="ascii",
-        )
+        algorithm = flavor.manifest_label.lower()
+        manifest = "".join(
+            f"{flavor.manifest_label}({member})= {_file_digest(staging / member, algorithm)}\n"
+            for member in (ovf_name, vmdk_name)
+        ).encode("ascii")
+        (staging / mf_name).write_bytes(manifest)
+        members = [ovf_name, vmdk_name, mf_name]
+        if signer is not None:
+            log(f"export: signing {mf_name} as {signer.name!r} into {cert_name}")
+            (staging / cert_name).write_text(
+                ova_certificate_text(signer, mf_name, manifest), encoding="ascii"
+            )
+            members.append(cert_name)
 
         log(f"export: packing {target.name}")
         scratch_ova = staging / target.name
-        pack_ustar(scratch_ova, staging, [ovf_name, vmdk_name, mf_name])
+        pack_ustar(scratch_ova, staging, members)
         os.replace(scratch_ova, target)
     return target

@@ -31,9 +31,15 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
 
 def write_text_atomically(path: Path, text: str, mode: int | None = None) -> Path:
     """Write `text` to `path` through a scratch file beside it, then one rename."""
+    return write_bytes_atomically(path, text.encode("utf-8"), mode)
+
+
+def write_bytes_atomically(path: Path, data: bytes, mode: int | None = None) -> Path:
+    """Write `data` to `path` through a scratch file beside it (in a folder only its owner
+    can enter, so a private file is never readable by others), then one rename."""
     with staging_dir(path.parent) as staging:
         scratch = staging / path.name
-        scratch.write_text(text, encoding="utf-8")
+        scratch.write_bytes(data)
         if mode is not None:
             scratch.chmod(mode)
         os.replace(scratch, path)

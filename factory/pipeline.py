@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from factory import assemble, base, chain, cpu, delivery, export, gpu, kvm, tools
+from factory import assemble, base, chain, cpu, delivery, export, gpu, kvm, signing, tools
 from factory.build import PACKER_TIME_LIMIT_MINUTES
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
@@ -51,7 +51,7 @@ class BuildOptions:
     outputs: Path
     accelerator: str = "auto"
     force: bool = False
-    ova_digest: str = export.DEFAULT_OVA_DIGEST
+    ova_digest: str | None = None  # None: sha1, or sha256 when the profile signs
     time_limit_minutes: float = PACKER_TIME_LIMIT_MINUTES
     locked: bool = False
 
@@ -149,6 +149,8 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                 f"{loaded.path.name} or pass --force to replace it"
             )
         check_free_disk(outputs, loaded)
+        # A missing or unusable signing key, or a digest it cannot sign, stops the build here.
+        export.ova_flavor(options.ova_digest, signed=signing.profile_signer(loaded) is not None)
         assemble.check_host()
         accelerator = kvm.choose_accelerator(options.accelerator)
         vm = build_vm_size(loaded)

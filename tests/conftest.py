@@ -44,8 +44,23 @@ def test_channel() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_channel(test_channel: Path) -> Path:
-    """The demo profile points at outputs/channels/demo; link the test channel there."""
+def demo_signing_key() -> Path:
+    """The key profiles/demo.yaml signs its deliveries with (signing.key, outside the
+    checkout), made once per machine with `factory keygen`, as `make demo` makes it."""
+    import yaml
+
+    signing = yaml.safe_load(DEMO_PROFILE.read_text())["signing"]
+    key = Path(signing["key"]).expanduser()
+    if not key.exists():
+        made = run_factory("keygen", str(key), "--name", signing["vendor"])
+        assert made.returncode == 0 or key.exists(), made.stderr  # or another session made it
+    return key
+
+
+@pytest.fixture(scope="session")
+def demo_channel(test_channel: Path, demo_signing_key: Path) -> Path:
+    """The demo profile points at outputs/channels/demo; link the test channel there. Every
+    build of the demo asks for this fixture, so it also makes the demo's signing key first."""
     link = REPO / "outputs" / "channels" / "demo"
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():

@@ -201,21 +201,19 @@ def test_interrupt_mid_export_keeps_the_delivered_ova(demo_delivery):
     assert_lock_free(demo_delivery.parent, "demo_hello_v1")
 
 
-def test_reexport_with_sha1_manifest_passes_cot(demo_delivery):
-    result = run_factory("export", str(demo_delivery), "--ova-digest", "sha1")
+def test_reexport_keeps_the_demo_signed_and_passes_cot(demo_delivery):
+    """The demo signs (signing.key), so its OVA is written again signed, with the SHA256
+    manifest a signature needs; a SHA1 one is refused before anything is written."""
+    from tests.test_export import cot_info
+
+    refused = run_factory("export", str(demo_delivery), "--ova-digest", "sha1")
+    assert refused.returncode == 1 and "--ova-digest sha1: the profile signs" in refused.stderr
+    result = run_factory("export", str(demo_delivery))
     assert result.returncode == 0, result.stderr
     subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=demo_delivery, check=True)
-    cot = Path(sys.executable).with_name("cot")
-    if not cot.exists():
-        pytest.skip("cot is not installed")
-    info = subprocess.run(
-        [str(cot), "-f", "info", str(demo_delivery / "demo_hello_v1.ova")],
-        capture_output=True,
-        text=True,
-    )
-    assert info.returncode == 0, info.stderr
-    assert "ERROR" not in info.stdout + info.stderr
-    assert "tampered" not in info.stdout + info.stderr
+    verified = run_factory("verify", str(demo_delivery))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    cot_info(demo_delivery / "demo_hello_v1.ova", sha256_manifest=True)
 
 
 def test_interrupt_mid_validation_leaves_no_vm(demo_delivery, tmp_path):

@@ -1,10 +1,13 @@
 """OVF descriptors against the DMTF OVF envelope schema (DSP8023), and against the rules of that
 schema that importers enforce, for every flavour we write: the OVA (OVF 1.0 + SHA1, OVF 2.0 +
-SHA256), the VirtualBox box's box.ovf, and the demo delivery's OVA.
+SHA256, signed: OVF 1.0 + SHA256 + certificate), the VirtualBox box's box.ovf, and the demo
+delivery's OVA.
 
-The DMTF schema files are on none of the package registries CI reaches; docs/vagrant.md ('The
-DMTF schema check') says where to put them.
-Where they are present the descriptors are validated with lxml; the structural rules run always.
+The DMTF OVF 1.1.1 schema and the CIM schemas it imports are read, never copied, from
+$FACTORY_DMTF_SCHEMAS, else ../shared/schemas/dmtf-ovf-1.1.1 beside the checkout, else
+/work/shared/schemas/dmtf-ovf-1.1.1 (docs/vagrant.md, 'The DMTF schema check'). Where they are
+present the OVF 1.x descriptors are validated with lxml; the structural rules run always.
+No OVF 2.x schema is at hand, so the OVF 2.0 flavour gets the structural rules only.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from pathlib import Path
 import pytest
 
 from factory.boxes import BoxSpec, write_virtualbox_box
-from factory.export import VirtualHardware, export_ova
+from factory.delivery import full_version
+from factory.export import VirtualHardware, export_ova, virtual_hardware
+from factory.profile import load_profile
+from factory.signing import Signer, generate_key, profile_signer, vendor
 from tests.conftest import REPO
+from tests.test_profile import GOOD
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None, reason="qemu-img is not installed (Debian: qemu-utils)"
@@ -31,9 +38,15 @@ OVF1 = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2 = "http://schemas.dmtf.org/ovf/envelope/2"
 RASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
 VSSD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
-SCHEMA_DIR = Path(os.environ.get("FACTORY_DMTF_SCHEMAS", REPO / "tests" / "schemas" / "dmtf"))
-# The envelope schema of each OVF version, newest first.
-ENVELOPE_XSD = {OVF1: ["dsp8023_1.1.1.xsd", "dsp8023_1.1.0.xsd"], OVF2: ["dsp8023_2.0.1.xsd"]}
+SCHEMA_PLACES = [
+    *([Path(os.environ["FACTORY_DMTF_SCHEMAS"])] if os.environ.get("FACTORY_DMTF_SCHEMAS") else []),
+    REPO.parent / "shared" / "schemas" / "dmtf-ovf-1.1.1",
+    Path("/work/shared/schemas/dmtf-ovf-1.1.1"),
+]
+ENVELOPE_XSD = "dsp8023_1.1.1.xsd"  # OVF 1.x; no OVF 2.x schema is at hand
+SCHEMA_DIR = next((p for p in SCHEMA_PLACES if (p / ENVELOPE_XSD).is_file()), SCHEMA_PLACES[0])
+# ProductSection's children, an xs:sequence in DSP8023.
+PRODUCT_ORDER = ["Info", "Product", "Vendor", "Version", "FullVersion"]
 HARDWARE = VirtualHardware(
     name="acme_fraud_v2", cpus=3, memory_mib=6144, disk_gib=1, description="Fraud <model> & co"
 )
@@ -81,6 +94,11 @@ def structure_errors(root: ET.Element) -> list[str]:
         return [*errors, "no VirtualSystem with an ovf:id"]
     if system[0].tag != f"{{{ns}}}Info":
         errors.append("VirtualSystem does not start with Info")
+    product = [local(child.tag) for child in system.iterfind(f"{{{ns}}}ProductSection/*")]
+    if product != sorted(
+        product, key=lambda n: PRODUCT_ORDER.index(n) if n in PRODUCT_ORDER else 99
+    ):
+        errors.append(f"ProductSection children out of order: {product}")
     os_id = attr(system.find(f"{{{ns}}}OperatingSystemSection"), "id") or ""
     if not (os_id.isdigit() and int(os_id) <= 65535):
         errors.append(f"OperatingSystemSection ovf:id {os_id!r} is not an unsignedShort")
@@ -110,14 +128,14 @@ def structure_errors(root: ET.Element) -> list[str]:
     return errors
 
 
-def dmtf_schema(namespace: str):
-    """The DMTF envelope schema for this OVF version, its imports resolved from SCHEMA_DIR."""
+def dmtf_schema():
+    """The DMTF OVF 1.1.1 envelope schema, its imports resolved from SCHEMA_DIR."""
     from lxml import etree
 
-    names = [n for n in ENVELOPE_XSD[namespace] if (SCHEMA_DIR / n).is_file()]
-    if not names:
+    if not (SCHEMA_DIR / ENVELOPE_XSD).is_file():
+        places = ", ".join(map(str, SCHEMA_PLACES))
         pytest.skip(
-            f"DMTF schema {ENVELOPE_XSD[namespace][0]} not in {SCHEMA_DIR}; "
+            f"DMTF schema {ENVELOPE_XSD} is in none of {places}; "
             "see docs/vagrant.md, 'The DMTF schema check'"
         )
 
@@ -129,15 +147,16 @@ def dmtf_schema(namespace: str):
 
     parser = etree.XMLParser(no_network=True)
     parser.resolvers.add(ByFileName())
-    return etree.XMLSchema(etree.parse(str(SCHEMA_DIR / names[0]), parser))
+    return etree.XMLSchema(etree.parse(str(SCHEMA_DIR / ENVELOPE_XSD), parser))
 
 
 def check_descriptor(text: bytes) -> None:
     root = ET.fromstring(text)
     assert structure_errors(root) == []
+    assert root.tag == f"{{{OVF1}}}Envelope", "only OVF 1.x has a schema at hand"
     from lxml import etree
 
-    schema = dmtf_schema(root.tag[1:].split("}")[0])
+    schema = dmtf_schema()
     document = etree.fromstring(text)
     assert schema.validate(document), "\n".join(str(e) for e in schema.error_log)
 
@@ -147,6 +166,19 @@ def disk(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("disk") / "built.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def signed_from_a_profile(tmp_path_factory) -> tuple[VirtualHardware, Signer]:
+    """The virtual hardware and signer of a profile with signing.key, as a build makes them."""
+    folder = tmp_path_factory.mktemp("profile")
+    generate_key(folder / "keys" / "team.key", "Acme <delivery> & co")
+    profile = folder / "acme.yaml"
+    profile.write_text(GOOD + "description: Fraud <model> & co\nsigning: {key: keys/team.key}\n")
+    loaded = load_profile(profile)
+    signer = profile_signer(loaded)
+    revision = {"revision": "0123456789abcdef0123456789abcdef01234567", "dirty": True}
+    return virtual_hardware(loaded, vendor(loaded, signer), full_version(revision)), signer
 
 
 def ovf_of(ova: Path) -> bytes:
@@ -189,9 +221,45 @@ def test_structure_rules_catch_a_broken_descriptor(disk, tmp_path, damage):
     assert structure_errors(ET.fromstring(broken)) != []
 
 
-@pytest.mark.parametrize("digest", ["sha1", "sha256"])
-def test_each_ova_flavour_validates_against_the_dmtf_schema(disk, tmp_path, digest):
-    check_descriptor(ovf_of(export_ova(disk, HARDWARE, tmp_path, digest=digest, log=quiet)))
+def test_structure_of_a_signed_ova_from_a_profile(disk, tmp_path, signed_from_a_profile):
+    hardware, signer = signed_from_a_profile
+    root = ET.fromstring(ovf_of(export_ova(disk, hardware, tmp_path, log=quiet, signer=signer)))
+    assert root.tag == f"{{{OVF1}}}Envelope"
+    assert structure_errors(root) == []
+    product = root.find(f"{{{OVF1}}}VirtualSystem/{{{OVF1}}}ProductSection")
+    assert [local(child.tag) for child in product] == PRODUCT_ORDER
+    assert product.findtext(f"{{{OVF1}}}Vendor") == "Acme <delivery> & co"
+
+
+def test_the_product_rule_catches_a_section_out_of_order(disk, tmp_path, signed_from_a_profile):
+    hardware, signer = signed_from_a_profile
+    text = ovf_of(export_ova(disk, hardware, tmp_path, log=quiet, signer=signer))
+    swapped = re.sub(rb"(<Vendor>.*?</Vendor>)(\s*)(<Version>.*?</Version>)", rb"\3\2\1", text)
+    assert swapped != text
+    assert structure_errors(ET.fromstring(swapped)) != []
+
+
+def test_the_unsigned_ova_validates_against_the_dmtf_schema(disk, tmp_path):
+    check_descriptor(ovf_of(export_ova(disk, HARDWARE, tmp_path, digest="sha1", log=quiet)))
+
+
+def test_a_signed_ova_from_a_profile_validates_against_the_dmtf_schema(
+    disk, tmp_path, signed_from_a_profile
+):
+    hardware, signer = signed_from_a_profile
+    check_descriptor(ovf_of(export_ova(disk, hardware, tmp_path, log=quiet, signer=signer)))
+
+
+def test_the_dmtf_schema_refuses_a_product_section_out_of_order(
+    disk, tmp_path, signed_from_a_profile
+):
+    """The schema step can fail, as the structural rules can."""
+    from lxml import etree
+
+    hardware, signer = signed_from_a_profile
+    text = ovf_of(export_ova(disk, hardware, tmp_path, log=quiet, signer=signer))
+    swapped = re.sub(rb"(<Vendor>.*?</Vendor>)(\s*)(<Version>.*?</Version>)", rb"\3\2\1", text)
+    assert not dmtf_schema().validate(etree.fromstring(swapped))
 
 
 @pytest.mark.e2e
@@ -200,8 +268,9 @@ def test_the_demo_delivery_ova_is_well_formed_and_cot_is_clean(demo_delivery):
 
     ova = demo_delivery / "demo_hello_v1.ova"
     assert structure_errors(ET.fromstring(ovf_of(ova))) == []
-    cot_info(ova)
+    cot_info(ova, sha256_manifest=True)  # the demo is signed
 
 
+@pytest.mark.e2e
 def test_the_demo_delivery_ova_validates_against_the_dmtf_schema(demo_delivery):
     check_descriptor(ovf_of(demo_delivery / "demo_hello_v1.ova"))

@@ -20,6 +20,7 @@ from factory.profile.paths import (
     local_channel,
     named_file,
     sample_notebook,
+    signing_key,
 )
 from factory.profile.schema import Profile
 from factory.profile.tls import check_client_tls
@@ -133,6 +134,10 @@ def _absolute_paths(document: Document) -> dict:
             if key in tls
         }
         data["jupyter"] = {**data["jupyter"], "tls": {**tls, **resolved}}
+    signing = data.get("signing")
+    if isinstance(signing, dict) and "key" in signing:
+        key = signing_key(document, ("signing", "key"), signing["key"])
+        data["signing"] = {**signing, "key": key}
     return data
 
 

@@ -71,6 +71,22 @@ def named_file(document: Document, loc: tuple, value: object, suffix: str | tupl
     return path
 
 
+def signing_key(document: Document, loc: tuple, value: object) -> object:
+    """A signing key named in the profile, made absolute from the folder of the file naming it
+    (`~` is the home folder). Unlike the other files it is not confined to the profile's
+    folder, which is committed, and it need not exist yet: pre-flight checks it where a
+    delivery is signed, so that a delivery's profile still loads where the key is not."""
+    if not isinstance(value, str) or not value.strip():
+        return value  # the schema says what is wrong
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # no such user, or no home folder
+        raise ProfileError(
+            f"{location(document, loc)}: cannot find the home folder in {value}; give a full path"
+        ) from None
+    return str((document.path.parent / path).resolve())
+
+
 def local_channel(where: str, channel: object, folder: Path, roots: tuple[Path, ...]) -> object:
     """A channel, with a local channel folder made a file:// URL (after symlinks) from
     `folder`. An existing folder must lie under the allowed roots or the factory cache's

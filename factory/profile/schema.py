@@ -22,7 +22,9 @@ from factory.profile.sections import (
     Monitoring,
     Resources,
     Security,
+    Signing,
     Strict,
+    one_line,
     spec_channel,
 )
 
@@ -57,6 +59,11 @@ class Profile(Strict):
     )
     security: Security = Field(default_factory=Security)
     monitoring: Monitoring = Field(default_factory=Monitoring)
+    signing: Signing | None = Field(
+        None,
+        description="Sign SHA256SUMS and the OVA with the delivery team's key; without it the "
+        "delivery is unsigned.",
+    )
     notebooks: list[str] = Field(
         default_factory=list,
         description="Sample notebooks (.ipynb, relative to the file that names them) shipped "
@@ -129,9 +136,7 @@ class Profile(Strict):
     @field_validator("description", "industry")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value):
-            raise ValueError("must be a single line of printable text")
-        return value
+        return one_line(value)
 
     @model_validator(mode="after")
     def _unique_environments(self) -> Profile:

@@ -263,6 +263,35 @@ class Security(Strict):
     )
 
 
+class Signing(Strict):
+    """The delivery team's signature on SHA256SUMS and on the OVA (vCenter shows the signer)."""
+
+    key: str = Field(
+        description="RSA private key (PEM) that signs the delivery; its certificate is the "
+        "same path ending in .crt, and only the certificate is delivered. Relative to the file "
+        "that names it, or ~/...; keep it out of the profile's folder, which is committed "
+        "(e.g. ~/.config/factory/keys/team.key). `factory keygen PATH --name TEAM` makes both."
+    )
+    vendor: str | None = Field(
+        None,
+        max_length=200,
+        description="The delivery team, shown as the OVA's Vendor; default: the name in the "
+        "key's certificate.",
+    )
+
+    @field_validator("vendor")
+    @classmethod
+    def _one_line_vendor(cls, value: str | None) -> str | None:
+        return None if value is None else one_line(value)
+
+
+def one_line(value: str) -> str:
+    """`value`, refused when it is not a single line of printable text."""
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value):
+        raise ValueError("must be a single line of printable text")
+    return value
+
+
 class Monitoring(Strict):
     """The Prometheus node exporter and an optional Prometheus server."""
 
