@@ -235,6 +235,10 @@ def export_command(
         )
     for path in written:
         click.echo(f"exported {path}")
+    if (delivery / "handover.html").is_file():
+        from factory.dossier import write_dossier
+
+        click.echo(f"handover: {write_dossier(delivery)}")
 
 
 @cli.command()
@@ -320,6 +324,10 @@ def validate(
     for result in outcome.results:
         click.echo(f"{result.status.upper():8} {result.name}: {result.detail}")
     click.echo("reports: " + ", ".join(str(p) for p in outcome.reports))
+    if not address and report_dir is None:
+        from factory.dossier import write_dossier
+
+        click.echo(f"handover: {write_dossier(delivery)}")
     spent = time.monotonic() - started
     if outcome.failed:
         names = "; ".join(r.name for r in outcome.failed)

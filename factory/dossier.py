@@ -12,12 +12,15 @@ from factory.files import write_text_atomically
 from factory.handover import credentials_text
 from factory.profile import LoadedProfile, load_profile
 from factory.sbom import SBOM_FILE
+from factory.signing import CERTIFICATE_FILE, SIGNATURE_FILE, verification_commands
 from factory.templates import render_template
 
 DOSSIER_FILE = "handover.html"
 LINKED_FILES = [
     ("HANDOVER.md", "access and credentials, as text"),
     ("SHA256SUMS", "the artifacts' sums"),
+    (SIGNATURE_FILE, "the signature over SHA256SUMS"),
+    (CERTIFICATE_FILE, "the signer's certificate (public)"),
     ("manifest.json", "the build record"),
     ("report.html", "the validation report"),
     ("report.json", "the validation results, as JSON"),
@@ -118,7 +121,8 @@ def write_dossier(folder: Path) -> Path:
         credentials=credentials_text(loaded),
         services=_services(loaded),
         files=[(n, what) for n, what in LINKED_FILES if (folder / n).exists()],
-        signed=any(folder.glob("SHA256SUMS.*")),
+        signed=(folder / SIGNATURE_FILE).is_file(),
+        verification=verification_commands(loaded.name),
         ova=f"{loaded.name}.ova",
         qcow2=f"{loaded.name}.qcow2",
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from factory import assemble, base, chain, cpu, delivery, export, gpu, kvm, sign
 from factory.build import PACKER_TIME_LIMIT_MINUTES
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
+from factory.dossier import write_dossier
 from factory.errors import FactoryError
 from factory.files import replace_path, staging_dir
 from factory.host import VMSize
@@ -114,6 +116,16 @@ def base_image_for(loaded: LoadedProfile, log: Callable[[str], None], build: boo
     return base.cloud_base_image(spec.url, spec.sha256, log=log, build=build)
 
 
+def base_record(loaded: LoadedProfile, base_image: Path) -> dict:
+    """The base image for the build record: its file, its sha256, and a cloud image's URL."""
+    spec = loaded.profile.base
+    if not isinstance(spec, str):
+        return {"image": base_image.name, "url": spec.url, "sha256": spec.sha256}
+    record = base_image.with_suffix(".json")
+    sha256 = json.loads(record.read_text()).get("sha256") if record.is_file() else None
+    return {"image": base_image.name, "sha256": sha256}
+
+
 def conda_installer_for(loaded: LoadedProfile, log: Callable[[str], None]) -> Path | None:
     """The profile's Miniconda or Miniforge installer, fetched and checked; None for rattler."""
     source = loaded.profile.conda.installer_source()
@@ -175,8 +187,10 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     "accelerator": accelerator,
                     "security_index": delivery.security_index_summary(staged.security_index),
                     "guest_disk": built.guest_disk,
+                    "base": built.base,
                 },
             )
+            write_dossier(staged.path)
             if loaded.profile.jupyter.tls:
                 delivery.keep_private(staged)
             delivery.publish(staged, final)
@@ -206,6 +220,7 @@ class _Built:
     delivery: Delivery  # in the staging folder, not yet published
     digests: dict[Path, str]  # each artifact's sha256
     guest_disk: dict | None  # the image's root file system: bytes used, and size
+    base: dict  # the base image: its name, and where it came from with its sha256
 
 
 def _run_stages(
@@ -265,7 +280,7 @@ def _run_stages(
     if removed:
         freed = human_bytes(sum(record["bytes"] for record in removed))
         progress.log(f"cache: {len(removed)} least recently used layers removed ({freed})")
-    return _Built(staged, digests, guest)
+    return _Built(staged, digests, guest, base_record(loaded, base_image))
 
 
 def _report_sizes(staged: Delivery, guest: dict | None, progress: Progress) -> None:

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from factory.dossier import DOSSIER_FILE, write_dossier
-from tests.conftest import REPO
-from tests.validate.conftest import DELIVERY
+from tests.validate.conftest import copy_delivery
 
 CHROMIUM = shutil.which("chromium-headless-shell")
 needs_chromium = pytest.mark.skipif(
@@ -119,10 +118,7 @@ def check_dossier(folder: Path, tmp_path: Path) -> str:
 
 @pytest.fixture
 def recorded_delivery(tmp_path) -> Path:
-    folder = tmp_path / "demo_hello_v1"
-    shutil.copytree(DELIVERY, folder)
-    (folder / "notebooks").mkdir()
-    shutil.copy2(REPO / "profiles" / "notebooks" / "demo-credit-score.ipynb", folder / "notebooks")
+    folder = copy_delivery(tmp_path / "demo_hello_v1")
     write_dossier(folder)
     return folder
 
@@ -167,3 +163,4 @@ def test_the_validated_demo_dossier(demo_validation, demo_delivery, tmp_path):
     assert "envs/demo.installed.json" in dom
     assert "tabulate" in dom and "sbom.cdx.json" in dom
     assert "Base image" in dom
+    assert "The delivery is signed" in dom and "openssl dgst -sha256 -verify" in dom
