@@ -36,6 +36,14 @@ def run_factory(
     return result
 
 
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory) -> Path:
+    """A small empty qcow2, standing in for a built image where only its export is tested."""
+    path = tmp_path_factory.mktemp("disk") / "built.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def test_channel() -> Path:
     from tests.channel import build_test_channel

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -159,13 +158,6 @@ def check_descriptor(text: bytes) -> None:
     schema = dmtf_schema()
     document = etree.fromstring(text)
     assert schema.validate(document), "\n".join(str(e) for e in schema.error_log)
-
-
-@pytest.fixture(scope="module")
-def disk(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("disk") / "built.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -67,13 +67,6 @@ def key(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def disk(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("disk") / "built.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def signed(tmp_path_factory, key, disk) -> Path:
     """A delivery-like folder: a signed OVA, a qcow2, and a signed SHA256SUMS."""
     delivery = Delivery(tmp_path_factory.mktemp("signed") / NAME, NAME)
