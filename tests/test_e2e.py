@@ -87,9 +87,10 @@ def interrupt_demo_build(
     assert_lock_free(outputs, "demo_hello_v1")
 
 
-def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs, tmp_path):
+def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, tmp_path):
     """Ctrl-C while packer boots the VM: no QEMU, no delivery, no staging, no lock. The
-    profile opens one more port, never used before, so no stored system layer spares the boot."""
+    profile opens one more port, never used before, so no stored system layer spares the boot.
+    Its outputs folder is its own: other tests may have published the demo already."""
 
     def fresh_port(profile: dict) -> None:
         security = profile.setdefault("security", {})
@@ -97,18 +98,25 @@ def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, e2e_outputs, tm
 
     before = qemu_pids()
     variant = demo_variant(tmp_path, fresh_port)
-    interrupt_demo_build(e2e_outputs, "booting the base image", signal.SIGINT, variant)
+    interrupt_demo_build(tmp_path / "out", "booting the base image", signal.SIGINT, variant)
     assert qemu_pids() - before == set()
 
 
-def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, e2e_outputs):
+def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, tmp_path):
     """SIGTERM while an environment installs into its layer on the host: the chroot's
     processes stop, the layer's FUSE export, file systems and loop device are released, and
-    nothing is kept. The layers made before it stay stored, for the demo build that follows
-    (the demo_delivery fixture)."""
-    forget_layer(DEMO_PROFILE, "env jupyter", e2e_outputs)  # stored by an earlier session
-    interrupt_demo_build(e2e_outputs, "installing the environment", signal.SIGTERM)
-    assert_host_install_released(e2e_outputs)
+    nothing is kept. The profile asks for a disk one GiB larger than the demo's, so its conda
+    and environment layers are its own: the demo's stored layers, which later tests build on,
+    are left alone."""
+
+    def larger_disk(profile: dict) -> None:
+        profile["resources"]["disk"] += 1
+
+    variant = demo_variant(tmp_path, larger_disk)
+    outputs = tmp_path / "out"
+    forget_layer(variant, "conda", outputs)  # stored by an earlier session
+    interrupt_demo_build(outputs, "installing the environment", signal.SIGTERM, variant)
+    assert_host_install_released(outputs)
 
 
 def test_delivery_holds_every_artifact(demo_delivery):
