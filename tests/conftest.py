@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = REPO / "profiles" / "demo.yaml"
 FACTORY = [sys.executable, "-m", "factory"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A shell that starts the suite in the background without job control hands it SIGINT
+    ignored, and every process the tests start would inherit that, so Ctrl-C and the stop
+    tests could not reach them. Give the session Python's own handler: its children then
+    start with the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_factory(
