@@ -11,7 +11,7 @@ from pathlib import Path
 from factory.files import write_text_atomically
 from factory.handover import credentials_text
 from factory.profile import LoadedProfile, load_profile
-from factory.sbom import SBOM_FILE
+from factory.sbom import SBOM_FILE, licence_summary, read_sbom
 from factory.signing import CERTIFICATE_FILE, SIGNATURE_FILE, verification_commands
 from factory.templates import render_template
 
@@ -49,28 +49,15 @@ def _services(loaded: LoadedProfile) -> list[tuple[str, str]]:
             profile.open_ports()]  # fmt: skip
 
 
-def _licences(sbom: dict | None) -> tuple[list[tuple[str, int]], list[dict]]:
-    """(licence, packages) counts and one row per package, from the SBOM."""
-    if not sbom:
+def _licences(path: Path) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(licence, packages) counts and one row per package, from the SBOM at `path`."""
+    if not path.is_file():
         return [], []
-    rows, counts = [], {}
-    for component in sbom.get("components", []):
-        names = []
-        for entry in component.get("licenses", []):
-            if "expression" in entry:
-                names.append(entry["expression"])
-            else:
-                licence = entry.get("license", {})
-                names.append(licence.get("id") or licence.get("name") or "")
-        names = [n for n in names if n] or ["unknown"]
-        prefix = next((p["value"] for p in component.get("properties", [])), "")
-        kind = component.get("purl", "pkg:?/").split(":", 1)[1].split("/", 1)[0]
-        rows.append({"kind": kind, "name": component["name"], "version": component["version"],
-                     "where": prefix, "licences": ", ".join(names)})  # fmt: skip
-        for name in names:
-            counts[name] = counts.get(name, 0) + 1
+    packages = read_sbom(path)
+    rows = [{"kind": p.kind, "name": p.name, "version": p.version, "where": p.prefix,
+             "licences": ", ".join(p.licenses or ("unknown",))} for p in packages]  # fmt: skip
     rows.sort(key=lambda r: (r["kind"], r["where"], r["name"].lower()))
-    return sorted(counts.items(), key=lambda item: (-item[1], item[0])), rows
+    return list(licence_summary(packages).items()), rows
 
 
 def _locks(folder: Path) -> list[dict]:
@@ -106,7 +93,7 @@ def write_dossier(folder: Path) -> Path:
     profile = loaded.profile
     manifest = _json(folder / "manifest.json") or {}
     report = _json(folder / "report.json")
-    counts, packages = _licences(_json(folder / SBOM_FILE))  # type: ignore[arg-type]
+    counts, packages = _licences(folder / SBOM_FILE)
     html = render_template(
         "handover.html.j2",
         delivery=loaded.name,

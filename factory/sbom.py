@@ -200,14 +200,23 @@ _HASHES = {"md5": HashAlgorithm.MD5, "sha256": HashAlgorithm.SHA_256}
 
 
 def read_sbom(path: Path) -> list[Package]:
-    """The packages a delivery's SBOM lists (kind, prefix, name, version)."""
+    """The packages a delivery's SBOM lists: kind, prefix, name, version and licences."""
     document = json.loads(path.read_text())
     packages = []
     for component in document.get("components", []):
         parsed = PackageURL.from_string(component["purl"])
         prefix = next((p["value"] for p in component.get("properties", [])
                        if p.get("name") == PROPERTY_PREFIX), "")  # fmt: skip
-        packages.append(Package(parsed.type, component["name"], component["version"], prefix))
+        licences = tuple(
+            entry.get("expression")
+            or entry.get("license", {}).get("id")
+            or entry.get("license", {}).get("name", "")
+            for entry in component.get("licenses", [])
+        )
+        packages.append(
+            Package(parsed.type, component["name"], component["version"], prefix,
+                    licenses=tuple(name for name in licences if name))
+        )  # fmt: skip
     return packages
 
 
