@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.cache import sha256_file
+from factory.cache import cache_dir, sha256_file
 from factory.profile import load_profile
 from factory.validate.context import PASSED, CheckContext
 from factory.validate.env import check_environment
@@ -336,9 +336,12 @@ def test_live_host_reports_drift_since_the_delivery(tester, demo_delivery, tmp_p
     result = run_factory(
         "validate", "--host", address, str(demo_delivery), "--identity",
         config["IdentityFile"].strip('"'), "--only", "sbom,firewall",
-        "--report-dir", str(tmp_path / "reports"), env={"HOME": str(home)},
+        "--report-dir", str(tmp_path / "reports"),
+        # HOME holds only the box's host key; the delivery's profile names the suite's cache.
+        env={"HOME": str(home), "FACTORY_CACHE_DIR": str(cache_dir())},
     )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
+    assert (tmp_path / "reports" / "report.json").is_file(), result.stdout + result.stderr
     checks = {
         c["name"]: c
         for c in json.loads((tmp_path / "reports" / "report.json").read_text())["checks"]
