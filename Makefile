@@ -9,6 +9,8 @@ APT_PACKAGES := packer qemu-system-x86 qemu-utils mmdebstrap genisoimage cloud-i
 	chromium-headless-shell openssh-client \
 	$(shell cat tests/channel/apt-packages.txt 2>/dev/null)
 DEMO := outputs/demo_hello_v1
+# Test workers: the client profiles, the demo and the rest share the cores (tests/conftest.py).
+TEST_WORKERS ?= 2
 # The demo's signing key (profiles/demo.yaml, signing.key): outside the checkout, never committed.
 DEMO_KEY := $(HOME)/.config/factory/keys/demo-delivery.key
 
@@ -23,7 +25,7 @@ demo: setup channel $(DEMO_KEY)
 ## test: set up the host, then run every test (the end-to-end build included)
 test: setup
 	$(VENV)/bin/ruff check factory tests benchmarks
-	$(VENV)/bin/pytest -ra --durations=30
+	$(VENV)/bin/pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 ## test-gpu: build and validate the GPU demo (driver 535 by DKMS; about 23 min under TCG once the GPU base layer is cached)
 test-gpu: setup channel

@@ -18,6 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = REPO / "profiles" / "demo.yaml"
 FACTORY = [sys.executable, "-m", "factory"]
+# Set by a test on a command it starts, so that what the command leaves running is found.
+TEST_MARK_VAR = "FACTORY_TEST_MARK"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,6 +29,32 @@ def pytest_configure(config: pytest.Config) -> None:
     start with the default."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# `make test` runs the suite in two workers (pytest-xdist, --dist loadgroup). Tests that share
+# one of these expensive fixtures run in one worker, so that it is made once; the rest are
+# spread a module at a time. The groups are handed out in this order, the longest first.
+SHARED_FIXTURE_GROUPS = (
+    ("clients", "client_deliveries"),  # both client profiles built and validated
+    ("demo", "demo_delivery"),  # the demo built, validated, exported and booted by vagrant
+    ("gpu", "gpu_base"),  # DKMS compiling the GPU driver
+)
+LONG_MODULES = ("test_base.py", "test_layered_build.py", "test_e2e.py")
+
+
+def _group(item: pytest.Item) -> str:
+    names = item.fixturenames
+    shared = next((group for group, fixture in SHARED_FIXTURE_GROUPS if fixture in names), None)
+    return shared or item.path.relative_to(REPO).as_posix()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = [group for group, _ in SHARED_FIXTURE_GROUPS]
+    order += [f"tests/{name}" for name in LONG_MODULES]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    items.sort(key=lambda item: order.index(_group(item)) if _group(item) in order else len(order))
 
 
 def run_factory(
@@ -81,11 +109,11 @@ def demo_channel(test_channel: Path, demo_signing_key: Path) -> Path:
     build of the demo asks for this fixture, so it also makes the demo's signing key first."""
     link = REPO / "outputs" / "channels" / "demo"
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        if link.resolve() != test_channel.resolve():
-            link.unlink()
-    if not link.exists():
-        link.symlink_to(test_channel)
+    if not (link.is_symlink() and link.resolve() == test_channel.resolve()):
+        made = link.with_name(f".{link.name}.{os.getpid()}")  # replaced whole: the other
+        made.unlink(missing_ok=True)  # worker may be reading it
+        made.symlink_to(test_channel)
+        os.replace(made, link)
     return link
 
 
@@ -166,6 +194,25 @@ def demo_variant(folder: Path, change=None, file_name: str = "demo.yaml") -> Pat
     path = folder / file_name
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
     return path
+
+
+def started_processes(mark: str | None, chrooted_under: Path | None = None) -> list[str]:
+    """Live processes a test's command started, whatever else runs on this host (the suite
+    runs in two workers): those whose environment carries TEST_MARK_VAR=mark (packer, QEMU
+    and the FUSE export inherit it) or, since a chroot starts with a clean environment, whose
+    root lies under `chrooted_under`. Each as "pid command line"."""
+    needle = f"{TEST_MARK_VAR}={mark}".encode() if mark else None
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            marked = needle is not None and needle in (proc / "environ").read_bytes().split(b"\0")
+            root = os.readlink(proc / "root") if chrooted_under else ""
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or a zombie
+            continue
+        if marked or (chrooted_under and root.startswith(str(chrooted_under))):
+            found.append(f"{proc.name} {cmdline}")
+    return found
 
 
 def wait_until(predicate, timeout: float = 30.0) -> bool:
