@@ -29,7 +29,7 @@ from factory.cli_options import (
     ova_digest_option,
 )
 from factory.cli_verify import keygen, verify
-from factory.errors import FactoryError
+from factory.errors import ExitCode, FactoryError, ValidationFailed
 from factory.processes import Terminated, signals_as_exceptions
 
 _debug = False
@@ -331,7 +331,7 @@ def validate(
     spent = time.monotonic() - started
     if outcome.failed:
         names = "; ".join(r.name for r in outcome.failed)
-        raise FactoryError(f"validation failed ({len(outcome.failed)} check(s)): {names}")
+        raise ValidationFailed(f"validation failed ({len(outcome.failed)} check(s)): {names}")
     skipped = sum(r.status == "skipped" for r in outcome.results)
     passed = len(outcome.results) - skipped
     note = f" ({skipped} skipped, each with its reason above)" if skipped else ""
@@ -372,7 +372,7 @@ def _run() -> None:
             cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         _err("interrupted; nothing was published")
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except click.BadParameter as error:  # one line: the option, the value, what it accepts
         _err(f"error: {error.format_message()}")
         sys.exit(error.exit_code)
@@ -386,12 +386,12 @@ def _run() -> None:
         details = getattr(error, "details", None)
         if details:
             _err(details)
-        sys.exit(1)
+        sys.exit(error.exit_code)
     except (KeyboardInterrupt, Terminated):
         _err("interrupted; nothing was published")
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as error:  # a bug: say so in one line; --debug shows the traceback
         if _debug:
             traceback.print_exc()
         _err(f"internal error: {type(error).__name__}: {error} (rerun with --debug and report it)")
-        sys.exit(2)
+        sys.exit(ExitCode.FAILED)

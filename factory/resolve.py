@@ -23,7 +23,7 @@ from rattler.exceptions import SolverError
 from factory import cache, cpu, gpu
 from factory.cache import cache_subdir, inputs_key
 from factory.download import fetch_locked
-from factory.errors import FactoryError
+from factory.errors import ExitCode, FactoryError
 from factory.files import write_text_atomically
 from factory.profile import Environment, LoadedProfile, package_name, spec_channel
 
@@ -38,6 +38,8 @@ PIP_INDEX_URL = "https://pypi.org/simple"
 
 class ConflictError(FactoryError):
     """An environment cannot be solved; the message is one line, `details` the full story."""
+
+    exit_code = ExitCode.CONFLICT
 
     def __init__(self, message: str, details: str) -> None:
         super().__init__(message)
