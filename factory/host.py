@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from factory.errors import ToolError
+from factory.errors import InfrastructureError
 
 # What the host keeps for itself (packer, the host-side install, page cache) while a VM runs.
 HOST_RESERVED_MIB = 4096
@@ -43,12 +43,12 @@ def local_vm_size(cpus: int, memory_mib: int, requested_mib: int | None = None) 
     info = _meminfo_mib()
     limit, total = vm_memory_limit_mib(info), info["MemTotal"]
     if requested_mib is not None and requested_mib > limit:
-        raise ToolError(
+        raise InfrastructureError(
             f"resources.build_memory: {requested_mib} MiB does not fit this host, which can "
             f"give a VM at most {limit} MiB (of {total} MiB); lower it or build on a bigger host"
         )
     if limit < VM_MIN_MEMORY_MIB:
-        raise ToolError(
+        raise InfrastructureError(
             f"this host can give a VM {limit} MiB (of {total} MiB, less {HOST_RESERVED_MIB} "
             f"kept for the host) but the build needs {VM_MIN_MEMORY_MIB} MiB; free memory or "
             "build on a bigger host"

@@ -33,7 +33,7 @@ from factory.build import PACKER_TIME_LIMIT_MINUTES
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
 from factory.dossier import write_dossier
-from factory.errors import FactoryError
+from factory.errors import FactoryError, InfrastructureError
 from factory.files import replace_path, staging_dir
 from factory.host import VMSize
 from factory.keys import KeyPair, ephemeral_keypair
@@ -84,7 +84,7 @@ def check_free_disk(outputs: Path, loaded: LoadedProfile, payload_gib: float = 0
     needed_gib = round(min(loaded.profile.resources.disk, 2 * content) + 2, 1)
     free_gib = shutil.disk_usage(outputs).free / 2**30
     if free_gib < needed_gib:
-        raise FactoryError(
+        raise InfrastructureError(
             f"{outputs} has {free_gib:.1f} GiB free but building {loaded.name} needs about "
             f"{needed_gib} GiB (its image twice, with {payload_gib:.1f} GiB of packages, and "
             "room to export); free some space or use --outputs elsewhere"

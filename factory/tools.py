@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 
-from factory.errors import ToolError
+from factory.errors import InfrastructureError
 
 # command -> Debian package that provides it
 TOOLS: dict[str, str] = {
@@ -64,20 +64,20 @@ def missing(tools: Iterable[str]) -> list[str]:
 
 
 def require(tool: str) -> str:
-    """The absolute path of `tool`, or a ToolError that says how to install it."""
+    """The absolute path of `tool`, or an InfrastructureError that says how to install it."""
     path = which(tool)
     if path is None:
-        raise ToolError(f"`{tool}` is missing; run `{install_command([tool])}`")
+        raise InfrastructureError(f"`{tool}` is missing; run `{install_command([tool])}`")
     return path
 
 
 def require_root_and_tools(work: str, why_root: str, tools: Iterable[str], hint: str) -> None:
     """Refuse in one line when `work` cannot run here: not root, or a tool missing."""
     if os.geteuid() != 0:
-        raise ToolError(f"{work} needs root ({why_root}); {hint}")
+        raise InfrastructureError(f"{work} needs root ({why_root}); {hint}")
     absent = missing(tools)
     if absent:
-        raise ToolError(
+        raise InfrastructureError(
             f"{', '.join(absent)} not found, needed for {work}; "
             f"install with: {install_command(absent)}"
         )

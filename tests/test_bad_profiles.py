@@ -37,7 +37,7 @@ def test_bad_profile_message(path):
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_bad_profile_cli(path, tmp_path):
     result = run_factory("render", str(path), "--outputs", str(tmp_path))
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected_message(path) in lines[0]

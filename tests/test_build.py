@@ -166,7 +166,7 @@ def test_build_refuses_a_build_vm_larger_than_the_host(tmp_path, demo_channel):
     outputs = tmp_path / "outputs"
     started = time.monotonic()
     result = run_factory("build", str(profile), "--outputs", str(outputs))
-    assert result.returncode == 1
+    assert result.returncode == 6  # infrastructure
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: resources.build_memory: 1048576 MiB does not fit this host, which can give a "
@@ -189,7 +189,7 @@ def test_render_before_build_does_not_make_the_build_refuse(tmp_path, demo_chann
         profile.read_text().replace("disk: 8\n", "disk: 8\n  build_memory: 1048576\n")
     )
     result = run_factory("build", str(profile), "--outputs", str(outputs))
-    assert result.returncode == 1
+    assert result.returncode == 6
     assert "already holds a delivery" not in result.stderr
     assert "resources.build_memory: 1048576 MiB does not fit this host" in result.stderr
     assert not (outputs / "demo_hello_v1").exists()

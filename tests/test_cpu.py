@@ -77,7 +77,7 @@ def test_unknown_level_is_one_line(tmp_path, test_channel):
     path = profile_with(tmp_path, test_channel, "[six]")
     path.write_text(path.read_text() + "cpu_baseline: x86-64-v5\n")
     result = run_factory("lock", str(path))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cpu_baseline" in result.stderr and "x86-64-v2" in result.stderr
 
 

@@ -86,7 +86,7 @@ def test_live_host_gpu_checks_run_on_this_machine(tmp_path):
         "validate", "--host", "local", "--profile", str(HOSPITAL_PROFILE),
         "--only", "gpu", "--report-dir", str(tmp_path),
     )  # fmt: skip
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 5, result.stdout + result.stderr  # validation failed
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: validation failed")
     report = json.loads((tmp_path / "report.json").read_text())

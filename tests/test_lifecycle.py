@@ -137,7 +137,7 @@ def test_release_leaves_the_profile_as_it_was_when_it_cannot_be_released(tmp_pat
     profile = profile_with(tmp_path, test_channel, "[no-such-package]")
     before = profile.read_text()
     unsolvable = run_factory("release", str(profile), "--outputs", str(tmp_path / "outputs"))
-    assert unsolvable.returncode == 1  # the solver's story follows its one error line, as in lock
+    assert unsolvable.returncode == 3  # the solver's story follows its one error line, as in lock
     errors = [line for line in unsolvable.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no-such-package" in errors[0]
     assert profile.read_text() == before

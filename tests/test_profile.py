@@ -102,7 +102,7 @@ def test_duplicate_environment_names(tmp_path):
 def test_cli_bad_profile_is_one_line_without_traceback(tmp_path):
     path = write(tmp_path, GOOD.replace("client: acme", "client: 'ac me'"))
     result = run_factory("render", str(path), "--outputs", str(tmp_path / "out"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "client: must start with a letter" in result.stderr

@@ -260,6 +260,6 @@ def test_the_cli_allow_root_option_lets_a_folder_in(folders, tmp_path):
     (outside / "n.ipynb").write_text(NOTEBOOK)
     path = write(inside, "notebooks: [../elsewhere/n.ipynb]\n")
     refused_run = run_factory("credentials", str(path))
-    assert refused_run.returncode == 1 and "--allow-root" in refused_run.stderr
+    assert refused_run.returncode == 2 and "--allow-root" in refused_run.stderr
     allowed = run_factory("--allow-root", str(outside), "credentials", str(path))
     assert allowed.returncode == 0, allowed.stderr

@@ -413,4 +413,4 @@ def test_credentials_tell_it_how_to_read_first_boot_secrets():
     assert "open inbound TCP ports: 22, 80, 443, 9100." in result.stdout
     assert "Audit trail (2555 days)" in result.stdout
     bad = run_factory("credentials", "profiles/missing.yaml")
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")

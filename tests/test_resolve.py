@@ -93,7 +93,7 @@ def test_conflicts_stop_in_seconds_and_name_packages(
     started = time.monotonic()
     result = run_factory("lock", str(path))
     assert time.monotonic() - started < 10
-    assert result.returncode == 1
+    assert result.returncode == 3  # conflict
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     first_line = errors[0]
@@ -247,7 +247,7 @@ def test_a_spec_channel_that_holds_no_match_is_a_conflict(tmp_path, test_channel
     path = profile_with(tmp_path, test_channel, '["other::six"]')
     path.write_text(path.read_text().replace("channels: [", 'channels: ["./other", '))
     result = run_factory("lock", str(path))
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 3, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert errors[0] == (

@@ -192,7 +192,7 @@ def test_a_missing_key_stops_the_build_in_pre_flight(tmp_path):
     missing = tmp_path / "keys" / "team.key"
     (tmp_path / "p.yaml").write_text(GOOD + f"signing: {{key: {missing}}}\n")
     result = run_factory("build", str(tmp_path / "p.yaml"), "--outputs", str(tmp_path / "out"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"error: signing.key: no key {missing}; make one with "
         f'`factory keygen {missing} --name "Your delivery team"`'

@@ -340,7 +340,7 @@ def test_live_host_reports_drift_since_the_delivery(tester, demo_delivery, tmp_p
         # HOME holds only the box's host key; the delivery's profile names the suite's cache.
         env={"HOME": str(home), "FACTORY_CACHE_DIR": str(cache_dir())},
     )  # fmt: skip
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 5, result.stdout + result.stderr  # validation failed
     assert (tmp_path / "reports" / "report.json").is_file(), result.stdout + result.stderr
     checks = {
         c["name"]: c
