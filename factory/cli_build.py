@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from factory import events
 from factory.cli_options import (
     EXPORT_FORMATS,
     box_url_option,
@@ -16,7 +17,7 @@ from factory.cli_options import (
     outputs_option,
     ova_digest_option,
 )
-from factory.errors import FactoryError
+from factory.errors import ExitCode, FactoryError
 from factory.layers import LayerStatus
 from factory.tables import format_table
 
@@ -64,6 +65,12 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Build nothing: say for each layer whether the cache holds it, and why not.",
 )
+@click.option(
+    "--events",
+    type=click.Choice(["json"]),
+    help="Write one JSON line per stage start and end to standard output (the build's own "
+    "lines go to standard error): cache hit or miss, seconds, and the error on failure.",
+)
 @click.pass_context
 def build(
     ctx: click.Context,
@@ -78,6 +85,7 @@ def build(
     box_url: str | None,
     jobs: int,
     explain: bool,
+    events: str | None,
 ) -> None:
     """Pre-flight, lock, render, build the layers and export one or more profiles.
 
@@ -87,6 +95,10 @@ def build(
 
     parse_formats(formats, EXPORT_FORMATS)
     check_box_url(box_url)
+    if events and not explain:
+        from factory import events as event_stream
+
+        event_stream.start(to_stdout=True)
     if explain or len(profiles) == 1:
         from factory.build import PACKER_TIME_LIMIT_MINUTES
         from factory.pipeline import BuildOptions
@@ -107,7 +119,7 @@ def build(
         child_args = [
             *_flags(force=force, locked=locked),
             *_valued(outputs=outputs, accelerator=accelerator, ova_digest=ova_digest),
-            *_valued(format=formats, time_limit=time_limit, box_url=box_url),
+            *_valued(format=formats, time_limit=time_limit, box_url=box_url, events=events),
         ]
         root = ctx.find_root().params
         global_args = [
@@ -136,13 +148,38 @@ def _build_one(profile: Path, options: BuildOptions, formats: str, box_url: str 
 
     # The OVA and the qcow2 are always written; --format adds the Vagrant boxes.
     boxes = [f for f in parse_formats(formats, EXPORT_FORMATS) if f in BOX_FORMATS]
-    loaded = load_profile(profile)
-    started = time.monotonic()
-    final = build_image(loaded, options)
-    if boxes:
-        with Progress() as progress:
-            reexport(final, ova=False, box_formats=boxes, box_url=box_url, progress=progress)
-    click.echo(built_line(loaded.name, time.monotonic() - started, final))
+    started, name = time.monotonic(), str(profile)
+    try:
+        loaded = load_profile(profile)
+        name = loaded.name
+        final = build_image(loaded, options)
+        if boxes:
+            with Progress() as progress:
+                reexport(final, ova=False, box_formats=boxes, box_url=box_url, progress=progress)
+    except BaseException as error:
+        _build_end(name, started, error=error)
+        raise
+    _build_end(name, started, delivery=final)
+    click.echo(built_line(loaded.name, time.monotonic() - started, final), err=events.enabled())
+
+
+def _build_end(
+    name: str, started: float, delivery: Path | None = None, error: BaseException | None = None
+) -> None:
+    """The build-end event: how the build ended and the exit code it ends with."""
+    if error is None:
+        status, code, text = "ok", ExitCode.OK, None
+    elif isinstance(error, FactoryError):
+        status, code, text = "failed", error.exit_code, str(error)
+    elif isinstance(error, Exception):
+        status, code, text = "failed", ExitCode.FAILED, f"{type(error).__name__}: {error}"
+    else:  # Ctrl-C, SIGTERM
+        status, code, text = "interrupted", ExitCode.INTERRUPTED, "interrupted"
+    seconds = round(time.monotonic() - started, 1)
+    events.emit(
+        "build-end", name, status=status, exit_code=int(code), seconds=seconds,
+        delivery=str(delivery) if delivery else None, error=text,
+    )  # fmt: skip
 
 
 def _build_many(
@@ -154,12 +191,24 @@ def _build_many(
     try:
         batch.run()
     finally:
-        click.echo(format_summary(batch.outcomes()))
+        click.echo(format_summary(batch.outcomes()), err=events.enabled())
     failed = [o for o in batch.outcomes() if o.result != "passed"]
+    error = FactoryError(
+        f"{len(failed)} of {len(profiles)} builds failed; each one's log is listed above"
+    )
+    # The failed builds' own code when they share one (all bad profiles, say), else 1.
+    codes = {o.exit_code for o in failed}
+    if len(codes) == 1 and codes != {None} and 0 < (only := codes.pop()) < 128:
+        error.exit_code = only
+    results = [
+        {"profile": o.job.name, "result": o.result, "exit_code": o.exit_code,
+         "seconds": round(o.seconds, 1), "delivery": o.delivery, "error": o.error or None}
+        for o in batch.outcomes()
+    ]  # fmt: skip
+    code = error.exit_code if failed else ExitCode.OK
+    events.emit("batch-end", None, exit_code=int(code), results=results)
     if failed:
-        raise FactoryError(
-            f"{len(failed)} of {len(profiles)} builds failed; each one's log is listed above"
-        )
+        raise error
 
 
 def _explain(profiles: list[Path], options: BuildOptions) -> None:

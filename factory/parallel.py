@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from factory import events
 from factory.errors import FactoryError
 from factory.processes import die_with_parent, signals_deferred, stop
 from factory.progress import plain_log
@@ -49,6 +50,7 @@ class Outcome:
     seconds: float = 0.0
     delivery: str | None = None
     error: str = ""
+    exit_code: int | None = None  # the child's, once it ended by itself
 
 
 def build_jobs(
@@ -85,6 +87,7 @@ class Batch:
         self.log = log
         self.finished: dict[str, Outcome] = {}
         self.running: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.relay = events.Relay()  # each child's events, with --events
 
     def run(self) -> list[Outcome]:
         waiting = list(self.jobs)
@@ -93,6 +96,7 @@ class Batch:
                 while waiting and len(self.running) < self.limit:
                     self._start(waiting.pop(0))
                 time.sleep(POLL_SECONDS)
+                self.relay.pump()
                 for name, (process, started) in list(self.running.items()):
                     if process.poll() is not None:
                         self._finish(name, process.returncode, time.monotonic() - started)
@@ -100,6 +104,8 @@ class Batch:
             with signals_deferred():  # a second Ctrl-C must not cut the stopping short
                 self._stop_running()
             raise
+        finally:
+            self.relay.pump()
         return self.outcomes()
 
     def outcomes(self) -> list[Outcome]:
@@ -111,6 +117,11 @@ class Batch:
 
     def _start(self, job: Job) -> None:
         job.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if events.enabled():
+            events_file = job.log.with_name(job.log.name.removesuffix(".log") + ".events.jsonl")
+            self.relay.watch(events_file)
+            env[events.EVENTS_FILE_VAR] = str(events_file)
         with open(job.log, "w", encoding="utf-8") as handle:
             handle.write("$ " + " ".join(job.argv) + "\n")
             handle.flush()
@@ -119,7 +130,7 @@ class Batch:
                 stdin=subprocess.DEVNULL,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=env,
                 # Its own process group: Ctrl-C reaches this process only, which then stops
                 # each child's whole group; PDEATHSIG covers this process being killed.
                 start_new_session=True,
@@ -133,11 +144,11 @@ class Batch:
         job = next(j for j in self.jobs if j.name == name)
         delivery, error = read_log(job.log)
         if returncode == 0:
-            outcome = Outcome(job, "passed", seconds, delivery)
+            outcome = Outcome(job, "passed", seconds, delivery, exit_code=0)
             self.log(f"{self._number(job)} {name}: passed in {seconds:.0f} s ({delivery or '-'})")
         else:
             error = error or _exit_text(returncode)
-            outcome = Outcome(job, "FAILED", seconds, None, error)
+            outcome = Outcome(job, "FAILED", seconds, None, error, returncode)
             self.log(f"{self._number(job)} {name}: FAILED in {seconds:.0f} s: {error}")
         self.finished[name] = outcome
 

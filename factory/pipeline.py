@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from factory import assemble, base, chain, cpu, delivery, export, gpu, kvm, signing, tools
+from factory import assemble, base, chain, cpu, delivery, events, export, gpu, kvm, signing, tools
 from factory.build import PACKER_TIME_LIMIT_MINUTES
 from factory.bundle import build_payload, fetch_conda_installer
 from factory.delivery import Delivery, build_lock
@@ -39,7 +39,7 @@ from factory.host import VMSize
 from factory.keys import KeyPair, ephemeral_keypair
 from factory.layers import LayerStatus, LayerStore, cache_max_bytes, explain
 from factory.profile import LoadedProfile
-from factory.progress import Progress
+from factory.progress import Progress, plain_log
 from factory.render import BuildInputs, build_vm_size, render_build_dir
 from factory.resolve import lock_profile
 from factory.tables import human_bytes
@@ -63,15 +63,29 @@ class Steps:
     """Runs the stages one after another: each is shown, timed and recorded."""
 
     progress: Progress
+    profile: str = ""  # the delivery name, in each event
     records: list[dict] = field(default_factory=list)
 
     @contextmanager
-    def step(self, name: str, log: str | None = None) -> Iterator[None]:
+    def step(self, name: str, log: str | None = None, cache: str | None = None) -> Iterator[None]:
+        """One stage; `cache` is hit or miss for a layer (in its events)."""
         self.progress.set_stage(name)
+        events.emit("stage-start", self.profile, stage=name, cache=cache)
         started = time.monotonic()
-        yield
+        try:
+            yield
+        except BaseException as error:
+            status = "failed" if isinstance(error, Exception) else "interrupted"
+            events.emit(
+                "stage-end", self.profile, stage=name, cache=cache, status=status,
+                seconds=round(time.monotonic() - started, 1), error=str(error) or None,
+            )  # fmt: skip
+            raise
         seconds = round(time.monotonic() - started, 1)
         self.progress.log(f"{name} done in {seconds:g} s")
+        events.emit(
+            "stage-end", self.profile, stage=name, cache=cache, status="ok", seconds=seconds
+        )
         self.records.append({"name": name, "seconds": seconds, "log": log})
 
 
@@ -169,7 +183,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.name}-", dir=outputs))
         try:
             with Progress() as progress:
-                steps = Steps(progress)
+                steps = Steps(progress, loaded.name)
                 _preflight(loaded, accelerator, vm, progress)
                 built = _run_stages(loaded, options, accelerator, vm, staging, steps)
             staged = built.delivery
@@ -253,8 +267,10 @@ def _run_stages(
             build_payload(locks, payload, log=progress.log, conda_installer=conda_installer)
             check_free_disk(staging.parent, loaded, payload_size_gib(payload))
         layers = chain.plan(loaded, base_image, build_dir, system_gib)
+        stored = {}
         for status in explain(layers[1:], store):
-            progress.log(f"layer {status.layer.name}: {'hit' if status.hit else 'miss'}"
+            stored[status.layer.name] = "hit" if status.hit else "miss"
+            progress.log(f"layer {status.layer.name}: {stored[status.layer.name]}"
                          f"{'' if status.hit else ' (' + status.why + ')'}")  # fmt: skip
         job = chain.LayerBuild(
             loaded, build_dir, staging, key, progress, options.time_limit_minutes, store
@@ -265,7 +281,7 @@ def _run_stages(
         with in_use:
             image = base_image
             for layer in layers[1:]:
-                with step(layer.name, log="build.log"):
+                with step(layer.name, log="build.log", cache=stored[layer.name]):
                     image = chain.ensure(layer, image, job)
             chain.write_security_index(layers, store, staging)
             chain.write_sbom(layers, store, staging, loaded)
@@ -349,13 +365,22 @@ def render_target(outputs: Path, loaded: LoadedProfile, into: Path | None = None
     return target
 
 
-def render_for_review(loaded: LoadedProfile, outputs: Path, into: Path | None = None) -> Path:
+def render_for_review(
+    loaded: LoadedProfile, outputs: Path, into: Path | None = None, builder: str = "qemu"
+) -> Path:
     """`factory render`: the chain up to the render stage, for review. The build folder a
     build would use, checked by `packer validate`, replaced in one rename, without the
-    client's TLS files (as in the delivery's copy of the build folder)."""
+    client's TLS files (as in the delivery's copy of the build folder).
+
+    For a client's cluster (a remote builder) the folder is the whole build instead: every
+    stage runs in the VM Packer clones there, and the payload carries the locked packages and
+    the conda installer, so `packer build` needs only the connection in the environment
+    (docs/remote-builders.md)."""
     target = render_target(outputs, loaded, into)
+    remote = builder != "qemu"
     with build_lock(outputs.resolve(), loaded.name), staging_dir(target.parent) as scratch:
         base_image = loaded.profile.base
+        locks = lock_profile(loaded, log=plain_log) if remote else None
         with ephemeral_keypair("factory-render") as key:
             inputs = BuildInputs(
                 base_image=base_image if isinstance(base_image, str) else base_image.url,
@@ -365,9 +390,14 @@ def render_for_review(loaded: LoadedProfile, outputs: Path, into: Path | None = 
                 console_log=str(target / "console.log"),
                 build_key=key,
                 packer_version=packer_version(),
+                builder=builder,
             )
             build_dir = render_build_dir(loaded, inputs, scratch / "build")
-        for name in delivery.UNDELIVERED_PAYLOAD_DIRS:
-            shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
+        if locks is not None:  # the VM there installs everything itself
+            installer = conda_installer_for(loaded, plain_log)
+            build_payload(locks, build_dir / "payload", log=plain_log, conda_installer=installer)
+        else:
+            for name in delivery.UNDELIVERED_PAYLOAD_DIRS:
+                shutil.rmtree(build_dir / "payload" / name, ignore_errors=True)
         replace_path(build_dir, target)
     return target

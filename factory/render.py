@@ -71,6 +71,38 @@ class BuildInputs:
     disk_gib: int | None = None
     # The build VM's size on this host; decided once, in pre-flight (build_vm_size).
     vm: host.VMSize | None = None
+    # Packer's builder: qemu here, or a client's own cluster (REMOTE_BUILDERS).
+    builder: str = "qemu"
+
+    @property
+    def in_guest(self) -> bool:
+        """Whether every stage runs in the build VM: a remote builder has no host stages."""
+        return self.all_in_guest or self.builder != "qemu"
+
+
+# The clusters a profile also renders for, each with its connection variables: set only in the
+# environment at build time (PKR_VAR_<name>), never on disk. `packer validate` of a render gets
+# these stand-ins where the environment has none.
+REMOTE_BUILDERS = {
+    "vsphere-clone": {
+        "vsphere_server": "vcenter.invalid",
+        "vsphere_username": "validate",
+        "vsphere_password": "validate",
+        "vsphere_datacenter": "datacenter",
+        "vsphere_cluster": "cluster",
+        "vsphere_datastore": "datastore",
+        "vsphere_folder": "folder",
+        "vsphere_base_template": "debian-12-cloud",
+    },
+    "proxmox-clone": {
+        "proxmox_url": "https://proxmox.invalid:8006/api2/json",
+        "proxmox_username": "validate@pve",
+        "proxmox_password": "validate",
+        "proxmox_node": "node",
+        "proxmox_base_template": "debian-12-cloud",
+    },
+}
+BUILDERS = ("qemu", *REMOTE_BUILDERS)
 
 
 def build_vm_size(loaded: LoadedProfile) -> host.VMSize:
@@ -90,7 +122,7 @@ def stage_scripts(loaded: LoadedProfile, scripts: list[str]) -> list[str]:
 
 
 def guest_scripts(loaded: LoadedProfile, inputs: BuildInputs) -> list[str]:
-    if inputs.all_in_guest:
+    if inputs.in_guest:
         return stage_scripts(loaded, sorted(GUEST_SCRIPTS + HOST_SCRIPTS))
     return stage_scripts(loaded, GUEST_SCRIPTS)
 
@@ -105,12 +137,13 @@ def build_vm_needs_network(loaded: LoadedProfile) -> bool:
 
 
 def render_packer_template(loaded: LoadedProfile, inputs: BuildInputs, payload: Path) -> str:
-    if inputs.all_in_guest:
+    if inputs.in_guest:
         uploads = [""]
     else:
         uploads = [name for name in GUEST_PAYLOAD_FILES if (payload / name).is_file()]
     return render_template(
         "image.pkr.hcl.j2",
+        builder=inputs.builder,
         payload_dir=str(image_layout.PAYLOAD_DIR),
         guest_network=build_vm_needs_network(loaded),
         modern_packer=inputs.packer_version >= (1, 7, 0),
@@ -124,6 +157,7 @@ def render_pkrvars(loaded: LoadedProfile, inputs: BuildInputs) -> str:
     vm = inputs.vm or build_vm_size(loaded)
     values: dict[str, str | int] = {
         "vm_name": f"{loaded.name}.qcow2",
+        "delivery_name": loaded.name,
         "base_image": inputs.base_image,
         "base_image_checksum": inputs.base_image_checksum,
         "accelerator": inputs.accelerator,
@@ -200,15 +234,18 @@ def render_build_dir(
     write_client_files(loaded, payload)
     (build_dir / "image.pkr.hcl").write_text(render_packer_template(loaded, inputs, payload))
     (build_dir / "image.pkrvars.hcl").write_text(render_pkrvars(loaded, inputs))
-    seed = render_seed(loaded, inputs)
-    write_seed_files(build_dir / "seed", seed["user-data"], seed["meta-data"])
+    if inputs.builder == "qemu":  # a cluster's template makes its own build user
+        seed = render_seed(loaded, inputs)
+        write_seed_files(build_dir / "seed", seed["user-data"], seed["meta-data"])
     scripts = build_dir / "provisioners"
     scripts.mkdir(exist_ok=True)
     for name in stage_scripts(loaded, GUEST_SCRIPTS + HOST_SCRIPTS):
         shutil.copy2(PROVISIONERS_DIR / name, scripts / name)
     parse_hcl_files(build_dir)
     if validate:
-        packer_validate(build_dir, inputs.build_key.private_key_file)
+        packer_validate(
+            build_dir, inputs.build_key.private_key_file, REMOTE_BUILDERS.get(inputs.builder, {})
+        )
     return build_dir
 
 
@@ -277,12 +314,19 @@ def packer_env(key_file: Path) -> dict[str, str]:
     return env
 
 
-def packer_validate(build_dir: Path, key_file: Path) -> None:
+def packer_validate(
+    build_dir: Path, key_file: Path, stand_ins: dict[str, str] | None = None
+) -> None:
+    """`packer validate` on a rendered folder; `stand_ins` fill the connection variables the
+    environment does not set (a remote builder's, for the check only)."""
     packer = tools.require("packer")
+    env = packer_env(key_file)
+    for name, value in (stand_ins or {}).items():
+        env.setdefault(f"PKR_VAR_{name}", value)
     result = subprocess.run(
         [packer, "validate", "-var-file=image.pkrvars.hcl", "image.pkr.hcl"],
         cwd=build_dir,
-        env=packer_env(key_file),
+        env=env,
         capture_output=True,
         text=True,
     )

@@ -5,6 +5,7 @@ its base, system and conda layers are in the session's layer store."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -73,11 +74,21 @@ def test_a_build_stopped_in_an_environment_layer_resumes_from_it(demo_delivery, 
     assert_host_install_released(outputs)
     assert layer_lines(stderr)["env demo"].startswith("miss (changed: lock)")
 
-    result = run_factory(*args)
+    result = run_factory(*args, "--events", "json")
     assert result.returncode == 0, result.stderr[-3000:]
     layers = layer_lines(result.stderr)
     assert layers["system"] == layers["conda"] == layers["env jupyter"] == "hit", layers
     assert layers["env demo"].startswith("miss") and layers["client"].startswith("miss")
+    # The same, as a scheduler reads it: one JSON line per stage start and end, then the end.
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    ends = {e["stage"]: e for e in events if e["event"] == "stage-end"}
+    assert all(e["status"] == "ok" and e["profile"] == "demo_hello_v1" for e in ends.values())
+    caches = {name: ends[name]["cache"] for name in ("system", "conda", "env demo", "client")}
+    assert caches == {"system": "hit", "conda": "hit", "env demo": "miss", "client": "miss"}
+    assert ends["env demo"]["seconds"] > ends["system"]["seconds"]
+    assert list(ends)[:3] == ["lock", "installer", "base"] and "export" in ends
+    assert events[-1]["event"] == "build-end" and events[-1]["exit_code"] == 0
+    assert events[-1]["delivery"] == str(outputs / "demo_hello_v1")
     delivery = outputs / "demo_hello_v1"
     lock = (delivery / "locks" / "demo.lock.json").read_text()
     assert '"idna"' in lock
@@ -96,7 +107,7 @@ def test_profiles_built_together_share_their_layers_and_run_no_packer(demo_deliv
         "build", str(DEMO_PROFILE), str(second), str(broken), "--jobs", "2",
         "--outputs", str(outputs), env=env,
     )  # fmt: skip
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr  # the broken one's code
     assert not (tmp_path / "bin" / "packer-was-run").exists()
     assert (outputs / "demo_hello_v1" / "demo_hello_v1.ova").is_file()
     assert (outputs / "demo_hello_v2" / "demo_hello_v2.ova").is_file()

@@ -5,6 +5,7 @@ The profiles here fail in their profile check, within a second: no VM and no pac
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def test_several_profiles_each_get_a_log_and_a_line_in_the_summary(tmp_path: Pat
         "--accelerator", "tcg", timeout=120,
     )  # fmt: skip
     assert time.monotonic() - started < 60, "the profile checks should fail at once"
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # each a bad profile: the batch says so too
     assert result.stderr.splitlines()[-1].startswith("error: 3 of 3 builds failed; ")
     summary = result.stdout.splitlines()
     assert summary[0].split() == ["PROFILE", "DELIVERY", "RESULT", "SECONDS", "LOG", "ERROR"]
@@ -103,6 +104,33 @@ def test_several_profiles_each_get_a_log_and_a_line_in_the_summary(tmp_path: Pat
     assert first_end < third
     assert sum(": started; log " in line for line in progress) == 3
     assert not (outputs / "demo_hello_v1").exists()
+
+
+def test_events_name_each_build_and_the_batch_in_json_lines(tmp_path: Path):
+    """With --events json the children's events reach standard output as whole JSON lines,
+    each build's end with its exit code, then the batch's; the table goes to standard error.
+    One bad profile and one whose build machine cannot fit this host end with 2 and 6."""
+    profiles = broken_profiles(tmp_path)
+    too_big = tmp_path / "big.yaml"
+    too_big.write_text(
+        DEMO_PROFILE.read_text().replace("disk: 8\n", "disk: 8\n  build_memory: 1048576\n")
+    )
+    paths = [str(profiles["cpus"][0]), str(too_big)]
+    result = run_factory(
+        "build", *paths, "--jobs", "2", "--outputs", str(tmp_path / "out"), "--events", "json",
+        timeout=120,
+    )  # fmt: skip
+    events = [json.loads(line) for line in result.stdout.splitlines()]  # nothing else there
+    ends = {Path(e["profile"]).name: e for e in events if e["event"] == "build-end"}
+    assert ends["cpus.yaml"]["exit_code"] == 2 and "resources.cpus" in ends["cpus.yaml"]["error"]
+    big = next(e for e in events if e["event"] == "build-end" and e is not ends["cpus.yaml"])
+    assert big["exit_code"] == 6 and "build_memory" in big["error"], events
+    assert big["status"] == "failed" and big["profile"] == "demo_hello_v1"
+    batch = events[-1]
+    assert batch["event"] == "batch-end" and batch["exit_code"] == 1  # two different codes
+    assert [r["exit_code"] for r in batch["results"]] == [2, 6]
+    assert result.returncode == 1
+    assert "PROFILE" in result.stderr and "RESULT" in result.stderr
 
 
 def test_jobs_must_be_at_least_one(tmp_path: Path):
