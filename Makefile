@@ -25,7 +25,7 @@ demo: setup channel $(DEMO_KEY)
 ## test: set up the host, then run every test (the end-to-end build included)
 test: setup
 	$(VENV)/bin/ruff check factory tests benchmarks
-	$(VENV)/bin/pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(VENV)/bin/pytest -ra --durations=30 -n $(TEST_WORKERS) --no-loadscope-reorder
 
 ## test-gpu: build and validate the GPU demo (driver 535 by DKMS; about 23 min under TCG once the GPU base layer is cached)
 test-gpu: setup channel

@@ -31,30 +31,58 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# `make test` runs the suite in two workers (pytest-xdist, --dist loadgroup). Tests that share
-# one of these expensive fixtures run in one worker, so that it is made once; the rest are
-# spread a module at a time. The groups are handed out in this order, the longest first.
-SHARED_FIXTURE_GROUPS = (
-    ("clients", "client_deliveries"),  # both client profiles built and validated
-    ("demo", "demo_delivery"),  # the demo built, validated, exported and booted by vagrant
-    ("gpu", "gpu_base"),  # DKMS compiling the GPU driver
-)
-LONG_MODULES = ("test_base.py", "test_layered_build.py", "test_e2e.py")
+# `make test` runs the suite in two workers (pytest-xdist). The modules that share one of these
+# expensive fixtures run in one worker, so that it is made once; the rest are handed out a
+# module at a time. The groups go out in this order, the longest first.
+SHARED_FIXTURE_MODULES = {
+    "clients": ("client_deliveries", ["test_client_profiles.py"]),
+    "demo": (
+        "demo_delivery",  # built, validated, exported again and booted by vagrant
+        [
+            "test_dossier.py",
+            "test_e2e.py",
+            "test_layered_build.py",
+            "test_ovf_schema.py",
+            "test_pipeline.py",
+            "test_provenance.py",
+            "test_vagrant.py",
+        ],
+    ),  # fmt: skip
+    "gpu": ("gpu_base", ["test_gpu.py"]),  # DKMS compiling the GPU driver
+}
+FIRST = [*SHARED_FIXTURE_MODULES, "tests/test_base.py"]
 
 
-def _group(item: pytest.Item) -> str:
-    names = item.fixturenames
-    shared = next((group for group, fixture in SHARED_FIXTURE_GROUPS if fixture in names), None)
-    return shared or item.path.relative_to(REPO).as_posix()
+def worker_group(nodeid: str) -> str:
+    """The group a test runs in: its shared fixture's, or its module's."""
+    module = nodeid.split("::", 1)[0]
+    for group, (_fixture, modules) in SHARED_FIXTURE_MODULES.items():
+        if module in (f"tests/{name}" for name in modules):
+            return group
+    return module
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    order = [group for group, _ in SHARED_FIXTURE_GROUPS]
-    order += [f"tests/{name}" for name in LONG_MODULES]
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-    items.sort(key=lambda item: order.index(_group(item)) if _group(item) in order else len(order))
+        for group, (fixture, _modules) in SHARED_FIXTURE_MODULES.items():
+            if fixture in item.fixturenames and worker_group(item.nodeid) != group:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses {fixture}: add its module to the {group!r} group in "
+                    "tests/conftest.py, or the fixture is made twice"
+                )
+    rank = {group: index for index, group in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(worker_group(item.nodeid), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scope scheduling, with worker_group as the scope."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def run_factory(
