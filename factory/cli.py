@@ -28,6 +28,7 @@ from factory.cli_options import (
     outputs_option,
     ova_digest_option,
 )
+from factory.cli_plan import plan
 from factory.cli_verify import keygen, verify
 from factory.errors import ExitCode, FactoryError, ValidationFailed
 from factory.processes import Terminated, signals_as_exceptions
@@ -96,6 +97,7 @@ cli.add_command(build)
 cli.add_command(cache)
 cli.add_command(diff)
 cli.add_command(new)
+cli.add_command(plan)
 cli.add_command(release)
 cli.add_command(keygen)
 cli.add_command(verify)
