@@ -190,14 +190,25 @@ def bundle(profile: Path, outputs: Path) -> None:
     type=click.Path(path_type=Path),
     help="Folder to render into (default: <outputs>/renders/<name>); it is replaced.",
 )
-def render(profile: Path, outputs: Path, into: Path | None) -> None:
+@click.option(
+    "--builder",
+    type=click.Choice(["qemu", "vsphere-clone", "proxmox-clone"]),
+    default="qemu",
+    show_default=True,
+    help="Where Packer builds: QEMU here, or a client's vSphere or Proxmox cluster (the whole "
+    "build, connection from PKR_VAR_* only; docs/remote-builders.md).",
+)
+def render(profile: Path, outputs: Path, into: Path | None, builder: str) -> None:
     """Render the Packer build folder to outputs/renders/<name> and validate it. The
     client's TLS files are left out; a delivery is never touched."""
     from factory.pipeline import render_for_review
     from factory.profile import load_profile
 
-    target = render_for_review(load_profile(profile), outputs, into)
+    target = render_for_review(load_profile(profile), outputs, into, builder)
     click.echo(f"rendered and validated {target}")
+    if builder != "qemu":
+        click.echo(f"build it there: cd {target} && packer build -var-file=image.pkrvars.hcl "
+                   "image.pkr.hcl (docs/remote-builders.md)")  # fmt: skip
 
 
 @cli.command("export")

@@ -50,6 +50,7 @@ TOOL_COMMANDS = (
     "doctor",
     "keygen",
     "new",
+    "plan",
     "release",
     "schema",
     "verify",
