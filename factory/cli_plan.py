@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from factory.cli_options import outputs_option
-from factory.plan import FORMATS
+from factory.plan_formats import FORMATS
 
 
 @click.command()
@@ -34,7 +34,8 @@ def plan(profiles: tuple[Path, ...], plan_format: str, outputs: Path, output_fil
     GitLab CI, Argo Workflows or Slurm: what each job needs (KVM, GPU, memory, disk), its
     commands, and which of its layers the cache holds. Builds nothing."""
     from factory.files import write_text_atomically
-    from factory.plan import plan_profiles, render_plan
+    from factory.plan import plan_profiles
+    from factory.plan_formats import render_plan
 
     data = plan_profiles(list(profiles), outputs, plan_format)
     text = render_plan(data, plan_format)

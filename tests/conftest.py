@@ -74,6 +74,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(worker_group(item.nodeid), len(rank)))
 
 
+@pytest.hookimpl(optionalhook=True)  # known only where xdist is loaded
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's scope scheduling, with worker_group as the scope."""
     from xdist.scheduler import LoadScopeScheduling

@@ -81,7 +81,7 @@ def test_build_refuses_when_disk_is_too_small(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
     try:
         result = run_factory("build", str(DEMO_PROFILE), "--outputs", str(small))
-        assert result.returncode == 1
+        assert result.returncode == 6  # infrastructure: another host may have the room
         assert "needs about 5.0 GiB (its image twice" in result.stderr
         assert [p.name for p in small.iterdir() if not p.name.startswith(".")] == []
     finally:

@@ -4,6 +4,8 @@ script does (factory/plan.py), the exit codes can be read, and no daemon is left
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,14 +39,17 @@ exit "$status"
 """
 
 
-def test_one_node_cluster_runs_an_array_requeues_and_leaves_nothing(tmp_path: Path):
+def test_one_node_cluster_runs_an_array_requeues_and_leaves_nothing(tmp_path: Path, request):
     work = tmp_path / "work"
     work.mkdir()
     script = work / "array.sh"
     script.write_text(ARRAY_SCRIPT)
     started = time.monotonic()
 
-    with slurm_cluster(tmp_path / "slurm") as cluster:
+    # Its sockets' paths must stay short (108 bytes): not under a worker's tmp_path.
+    short = Path(tempfile.mkdtemp(prefix="slurm-"))
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    with slurm_cluster(short) as cluster:
         daemons = {name: process.pid for name, process in cluster.daemons.items()}
         assert set(daemons) == {"munged", "slurmctld", "slurmd"}
 

@@ -68,6 +68,7 @@ def test_templates_escape_markup_only():
     assert not env.autoescape("box-Vagrantfile.j2")
     text = templates.render_template(
         "image.pkr.hcl.j2",
+        builder="qemu",
         payload_dir="/tmp/p",
         guest_network=False,
         modern_packer=True,
