@@ -158,6 +158,9 @@ def boot_delivery(
         shutil.rmtree(work, ignore_errors=True)
 
 
+KERNEL_PANIC = "Kernel panic - not syncing"
+
+
 def _wait_for_host_keys(
     process: subprocess.Popen, console: Path, stderr: Path, deadline: float
 ) -> list[str]:
@@ -166,15 +169,26 @@ def _wait_for_host_keys(
             error = stderr.read_text(errors="replace")
             raise ToolError(f"QEMU exited early (code {process.returncode}): {error.strip()}")
         if console.exists():
-            keys = host_keys_from_console(console.read_text(errors="replace"))
+            text = console.read_text(errors="replace")
+            keys = host_keys_from_console(text)
             if keys:
                 return keys
+            panic = next((line for line in text.splitlines() if KERNEL_PANIC in line), None)
+            if panic:  # it will never print them: say so now, not at the deadline
+                raise FactoryError(
+                    f"the image's kernel panicked while booting: {panic.strip()[:200]!r} "
+                    f"(whole console: {_keep_console(text)})"
+                )
         time.sleep(2)
     text = console.read_text(errors="replace") if console.exists() else ""
     last = [line.strip() for line in text.splitlines() if line.strip()][-1:] or ["(empty)"]
-    kept = Path(tempfile.mkdtemp(prefix="factory-boot-failed-")) / "console.log"
-    kept.write_text(text)
     raise FactoryError(
         "the image did not print its SSH host keys on the serial console in time; its console "
-        f"ends with {last[0][:160]!r} (whole console: {kept})"
+        f"ends with {last[0][:160]!r} (whole console: {_keep_console(text)})"
     )
+
+
+def _keep_console(text: str) -> Path:
+    kept = Path(tempfile.mkdtemp(prefix="factory-boot-failed-")) / "console.log"
+    kept.write_text(text)
+    return kept
