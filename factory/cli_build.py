@@ -98,7 +98,7 @@ def build(
     if events and not explain:
         from factory import events as event_stream
 
-        event_stream.start(to_stdout=True)
+        event_stream.start()
     if explain or len(profiles) == 1:
         from factory.build import PACKER_TIME_LIMIT_MINUTES
         from factory.pipeline import BuildOptions

@@ -28,13 +28,13 @@ EVENTS_FILE_VAR = "FACTORY_EVENTS_FILE"
 _sink: IO[str] | None = None
 
 
-def start(to_stdout: bool) -> None:
+def start() -> None:
     """Turn events on: to standard output, or to $FACTORY_EVENTS_FILE where a parent set it."""
     global _sink
     path = os.environ.get(EVENTS_FILE_VAR)
     if path:
         _sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
-    elif to_stdout:
+    else:
         _sink = sys.stdout
 
 
