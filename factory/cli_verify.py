@@ -42,12 +42,19 @@ def keygen(path: Path, name: str) -> None:
     help="The signer's certificate as the delivery team gave it; without it the delivery's "
     "own signer.crt is used, and its fingerprint is printed to compare.",
 )
-def verify(delivery: Path, trusted_file: Path | None) -> None:
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(path_type=Path),
+    help="Also check the delivery is current for this profile: built from the layers it "
+    "makes now, and validated as this OVA (a scheduler's rerun skips it then).",
+)
+def verify(delivery: Path, trusted_file: Path | None, profile_path: Path | None) -> None:
     """Check a delivery offline: SHA256SUMS, its signature, and the OVA's manifest and
     signature."""
     from cryptography import x509
 
-    from factory.verify import verify_delivery
+    from factory.verify import current_for, verify_delivery
 
     if not delivery.is_dir():
         raise FactoryError(f"{delivery} is not a folder; give a delivery folder (outputs/<name>)")
@@ -60,9 +67,13 @@ def verify(delivery: Path, trusted_file: Path | None) -> None:
                 f"--certificate {trusted_file}: not a readable PEM certificate ({error})"
             ) from None
     findings = verify_delivery(delivery, trusted)
+    if profile_path is not None:
+        findings += current_for(delivery, profile_path)
     for finding in findings:
         click.echo(f"{'ok' if finding.ok else 'FAILED':8} {finding.name}: {finding.detail}")
     failed = list(dict.fromkeys(f.name for f in findings if not f.ok))
     if failed:
         raise FactoryError(f"{delivery}: verification failed for {', '.join(failed)}")
     click.echo(f"verified {delivery}: every file matches its checksum and signature")
+    if profile_path is not None:
+        click.echo(f"{delivery} is current for {profile_path}: a rerun has nothing to build")

@@ -202,6 +202,7 @@ def build_image(loaded: LoadedProfile, options: BuildOptions) -> Path:
                     "security_index": delivery.security_index_summary(staged.security_index),
                     "guest_disk": built.guest_disk,
                     "base": built.base,
+                    "layers": built.layers,
                 },
             )
             write_dossier(staged.path)
@@ -235,6 +236,7 @@ class _Built:
     digests: dict[Path, str]  # each artifact's sha256
     guest_disk: dict | None  # the image's root file system: bytes used, and size
     base: dict  # the base image: its name, and where it came from with its sha256
+    layers: list[dict]  # each layer's name and key, root first: what `verify --profile` reads
 
 
 def _run_stages(
@@ -296,7 +298,8 @@ def _run_stages(
     if removed:
         freed = human_bytes(sum(record["bytes"] for record in removed))
         progress.log(f"cache: {len(removed)} least recently used layers removed ({freed})")
-    return _Built(staged, digests, guest, base_record(loaded, base_image))
+    keys = [{"name": layer.name, "key": layer.key} for layer in layers]
+    return _Built(staged, digests, guest, base_record(loaded, base_image), keys)
 
 
 def _report_sizes(staged: Delivery, guest: dict | None, progress: Progress) -> None:

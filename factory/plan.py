@@ -64,6 +64,8 @@ def plan_profiles(profiles: list[Path], outputs: Path, plan_format: str = "json"
                 "layers": layers,
                 "needs": need,
                 "commands": job_commands(shown, profile.name, str(outputs)),
+                # Exit 0: the delivery there is current and validated; skip the job.
+                "skip_when": ["factory", "verify", f"{outputs}/{profile.name}", "--profile", shown],
             }
         )
     return {

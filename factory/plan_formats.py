@@ -184,6 +184,12 @@ def _hand_on_script(attempt: str) -> str:
     folder of its own inside the outputs folder, and the delivery moves to OUTPUTS/NAME by
     one rename only once it passed validation. A retry never meets a half-made delivery."""
     return (
+        "# A delivery already handed on, built from the layers this profile makes now and\n"
+        "# validated as it is, is a cache hit: nothing to build (`factory verify --profile`).\n"
+        'if [ -e "$OUTPUTS/$NAME" ] && factory verify "$OUTPUTS/$NAME" --profile "$PROFILE"; then\n'
+        '  echo "$NAME: cache hit: $OUTPUTS/$NAME is current and validated; skipped"\n'
+        "  exit 0\n"
+        "fi\n"
         "# Each try builds in a folder of its own: a retry never meets a half-made delivery.\n"
         f'attempt="{attempt}"\n'
         "status=0\n"
@@ -339,6 +345,10 @@ def render_slurm(plan: dict) -> str:
         'PROFILE="${profiles[$task]}"\n'
         'NAME="${names[$task]}"\n'
         f'OUTPUTS="${{FACTORY_OUTPUTS:-{_shell_default(plan["outputs"])}}}"\n'
+        "# Nodes may share /tmp: each task's scratch is its own.\n"
+        'TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/factory-${SLURM_ARRAY_JOB_ID:-0}_$task.XXXXXX")"\n'
+        "export TMPDIR\n"
+        "trap 'rm -rf \"$TMPDIR\"' EXIT\n"
         + _hand_on_script("$OUTPUTS/.attempt-${SLURM_ARRAY_JOB_ID}_$task.${SLURM_RESTART_COUNT:-0}")
         + "\n# Another node may have what this one lacks: requeue (Slurm counts the restarts).\n"
         + f'case "$status" in {codes})\n'

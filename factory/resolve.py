@@ -23,7 +23,7 @@ from rattler.exceptions import SolverError
 from factory import cache, cpu, gpu
 from factory.cache import cache_subdir, inputs_key
 from factory.download import fetch_locked
-from factory.errors import ExitCode, FactoryError
+from factory.errors import ExitCode, FactoryError, InfrastructureError
 from factory.files import write_text_atomically
 from factory.profile import Environment, LoadedProfile, package_name, spec_channel
 
@@ -234,6 +234,17 @@ def pip_target_args(python: str) -> list[str]:
     return args
 
 
+# pip's words for a failure of this host, not of the requirements: a retry may pass.
+PIP_HOST_TROUBLE = (
+    "network connectivity",
+    "No space left on device",
+    "Read timed out",
+    "ConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+)
+
+
 def solve_pip(env_name: str, python: str, requirements: list[str]) -> list[PipPackage]:
     """Resolve pip requirements with pip's resolver for the target, without installing."""
     if not requirements:
@@ -252,6 +263,14 @@ def solve_pip(env_name: str, python: str, requirements: list[str]) -> list[PipPa
             ] or [text[:200]]
             telling = ("No matching distribution", "Cannot install", "conflict")
             first = next((e for e in errors if any(t in e for t in telling)), errors[-1])
+            if not any(t in e for e in errors for t in telling) and any(
+                sign in text for sign in PIP_HOST_TROUBLE
+            ):
+                raise InfrastructureError(
+                    f"environment '{env_name}': pip could not fetch what it needs to resolve "
+                    f"{', '.join(requirements)} ({first}); check this host's network and free "
+                    "disk, then run again",
+                )
             raise ConflictError(
                 f"environment '{env_name}': pip cannot resolve {', '.join(requirements)} for "
                 f"python {python} on linux x86_64 ({first}); pick versions that ship wheels "

@@ -2,11 +2,16 @@
 SHA256SUMS, the signature SHA256SUMS.sig against the delivery's certificate signer.crt, and in
 each OVA every member against its manifest and the manifest against the signature in the
 OVA's .cert member. Each check is one finding, named by the file it is about.
+
+With a profile (`factory verify DELIVERY --profile PROFILE`), also whether the delivery is
+current: built from the layers the profile keys now, and validated as this very OVA. A
+scheduler's job skips its build when it is (factory/plan_formats.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tarfile
 from dataclasses import dataclass
@@ -205,3 +210,68 @@ def _ova_signature(
     if certificate is not None and signed != certificate:
         return Finding(name, False, f"is signed by another certificate than {CERTIFICATE_FILE}")
     return Finding(name, True, f"the manifest is signed by {subject_name(signed)!r}")
+
+
+def current_for(folder: Path, profile: Path) -> list[Finding]:
+    """The delivery against what `profile` makes now: its layers, and its validation."""
+    from factory.pipeline import BuildOptions, explain_build
+    from factory.profile import load_profile
+
+    loaded = load_profile(profile)
+    manifest = _json_in(folder / "manifest.json")
+    recorded = (manifest.get("extra") or {}).get("layers") if manifest else None
+    if not recorded:
+        findings = [Finding("manifest.json", False, "records no layer keys: build it again")]
+    else:
+        statuses = explain_build(loaded, BuildOptions(outputs=folder.parent))
+        now = [{"name": s.layer.name, "key": s.layer.key} for s in statuses]
+        findings = [_layers_finding(recorded, now, profile)]
+    return findings + [_validation_finding(folder)]
+
+
+def _json_in(path: Path) -> dict | None:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _layers_finding(recorded: list[dict], now: list[dict], profile: Path) -> Finding:
+    for built, wanted in zip(recorded, now, strict=False):
+        if built != wanted:
+            return Finding(
+                "manifest.json",
+                False,
+                f"layer {wanted['name']!r} differs: built from {built['key'][:12]}, "
+                f"{profile.name} makes {wanted['key'][:12]} now",
+            )
+    if len(recorded) != len(now):
+        names = ", ".join(layer["name"] for layer in now)
+        return Finding("manifest.json", False, f"{profile.name} now makes the layers {names}")
+    return Finding(
+        "manifest.json", True, f"built from the {len(now)} layers {profile.name} makes now"
+    )
+
+
+def _validation_finding(folder: Path) -> Finding:
+    """report.json passed, for the OVA that SHA256SUMS lists (its own finding checks the file)."""
+    report = _json_in(folder / "report.json")
+    if report is None:
+        return Finding("report.json", False, "missing: run `factory validate` on the delivery")
+    failed = (report.get("summary") or {}).get("failed", 1)
+    if failed:
+        return Finding("report.json", False, f"{failed} check(s) failed on {report.get('created')}")
+    ova = (report.get("subject") or {}).get("ova") or {}
+    listed = {}
+    if (folder / CHECKSUMS_FILE).is_file():
+        for line in (folder / CHECKSUMS_FILE).read_text(errors="replace").splitlines():
+            if match := _CHECKSUM_LINE.match(line):
+                listed[match.group(2)] = match.group(1).lower()
+    if not ova or listed.get(ova.get("name")) != ova.get("sha256"):
+        detail = "is for another OVA than SHA256SUMS lists: validate this one"
+        return Finding("report.json", False, detail)
+    passed = report["summary"].get("passed", 0)
+    return Finding(
+        "report.json", True, f"{ova['name']} passed {passed} checks on {report.get('created')}"
+    )

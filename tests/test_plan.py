@@ -423,7 +423,11 @@ def test_slurm_task_builds_its_profile_and_requeues_only_on_exit_6(
         assert not delivered.exists()
 
 
-def test_slurm_task_never_replaces_a_delivery_already_there(plans, tmp_path):
+@pytest.mark.parametrize("current", [True, False])
+def test_slurm_task_skips_a_current_delivery_and_never_replaces_one(plans, tmp_path, current):
+    """A delivery already there that `factory verify --profile` finds current is a cache hit:
+    the task builds nothing. One that is not current is never replaced: the new build stays
+    in its attempt folder and the task fails."""
     script = tmp_path / "plan.sh"
     script.write_text(plans["texts"]["slurm"])
     name = load_profile(REPO / DEMO).name
@@ -432,15 +436,21 @@ def test_slurm_task_never_replaces_a_delivery_already_there(plans, tmp_path):
     (outputs / name / "SHA256SUMS").write_text("delivered before\n")
     env = {
         **os.environ,
-        **_fake_factory(tmp_path, [0, 0]),
+        **_fake_factory(tmp_path, [0] if current else [1, 0, 0]),
         "SLURM_ARRAY_JOB_ID": "5",
         "SLURM_ARRAY_TASK_ID": "0",
         "FACTORY_OUTPUTS": str(outputs),
         "FAKE_DELIVERY": name,
     }
     ran = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-    assert ran.returncode == 1 and "already exists" in ran.stderr
+    log = _log(tmp_path)
+    assert log[0] == f"factory verify {outputs / name} --profile {DEMO}"
     assert (outputs / name / "SHA256SUMS").read_text() == "delivered before\n"
+    if current:
+        assert ran.returncode == 0 and "cache hit" in ran.stdout, ran.stdout + ran.stderr
+        assert log == log[:1] and not list(outputs.glob(".attempt-*"))
+        return
+    assert ran.returncode == 1 and "already exists" in ran.stderr
     assert (outputs / ".attempt-5_0.0" / name / "SHA256SUMS").is_file()  # kept, not lost
 
 

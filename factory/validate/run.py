@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory import host, kvm
+from factory.cache import sha256_file
 from factory.cpu import validation_cpu
 from factory.delivery import Delivery
 from factory.errors import FactoryError
@@ -66,6 +67,8 @@ def validate_delivery(
     loaded = load_profile(profile_path or parts.profile)
     accel = kvm.choose_accelerator(accelerator)
     probe_port = unlisted_port(loaded)
+    log(f"reading {ova.name}'s sha256 for the report")
+    ova_sha256 = sha256_file(ova)  # a rerun's `factory verify --profile` matches it
     with tempfile.TemporaryDirectory(prefix="factory-ova-") as scratch:
         log(f"extracting the disk from {ova.name}")
         disk = extract_ova_disk(ova, Path(scratch))
@@ -138,6 +141,7 @@ def validate_delivery(
     subject = {
         "name": loaded.name,
         "target": f"{ova.name} booted under {accel}",
+        "ova": {"name": ova.name, "sha256": ova_sha256},
         "cpu": {
             "model": cpu_choice.model,
             "booted_level": cpu_choice.level,
