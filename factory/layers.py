@@ -21,13 +21,14 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from factory import cache
-from factory.errors import FactoryError
+from factory.errors import FactoryError, ToolError
 from factory.files import file_lock, write_text_atomically
 
 # Bump when what a layer holds changes for the same inputs (a new step, another layout).
@@ -141,11 +142,12 @@ class LayerStore:
             yield
 
     def publish(self, layer: Layer, image: Path, profile: str, extra: dict | None = None) -> Path:
-        """Move a finished overlay into the store (same filesystem: one rename), then write
-        its manifest, which marks it complete."""
+        """Move a finished overlay into the store (same filesystem: one rename) once
+        `qemu-img check` finds it sound, then write its manifest, which marks it complete."""
         target = self.image(layer)
         incoming = self.root / f".incoming-{layer.key}-{os.getpid()}"
         shutil.move(image, incoming)  # a copy when the build ran on another file system
+        _check_image(incoming, layer)
         os.replace(incoming, target)
         now = time.time()
         record = {
@@ -258,6 +260,20 @@ class LayerStore:
             return False
         finally:
             os.close(descriptor)
+
+
+def _check_image(image: Path, layer: Layer) -> None:
+    """Refuse a damaged overlay before another build can reuse it. Exit 3 is leaked
+    clusters only: space lost, nothing wrong with the data."""
+    command = ["qemu-img", "check", "-q", str(image)]
+    checked = subprocess.run(command, capture_output=True, text=True)
+    if checked.returncode not in (0, 3):
+        image.unlink(missing_ok=True)
+        found = (checked.stdout + checked.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise ToolError(
+            f"layer {layer.name} ({layer.key[:12]}): qemu-img check failed ({found[0]}); it was "
+            "not stored, run the build again"
+        )
 
 
 def _descendants(key: str, entries: list[dict]) -> set[str]:

@@ -45,7 +45,6 @@ SHARED_FIXTURE_MODULES = {
             "test_ovf_schema.py",
             "test_pipeline.py",
             "test_provenance.py",
-            "test_slurm_plan.py",
             "test_vagrant.py",
         ],
     ),  # fmt: skip

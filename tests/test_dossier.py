@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from factory.dossier import DOSSIER_FILE, write_dossier
+from tests.conftest import DEMO_PROFILE, demo_variant, run_factory
 from tests.validate.conftest import copy_delivery
 
 CHROMIUM = shutil.which("chromium-headless-shell")
@@ -164,3 +165,24 @@ def test_the_validated_demo_dossier(demo_validation, demo_delivery, tmp_path):
     assert "tabulate" in dom and "sbom.cdx.json" in dom
     assert "Base image" in dom
     assert "The delivery is signed" in dom and "openssl dgst -sha256 -verify" in dom
+
+
+@pytest.mark.e2e
+def test_verify_profile_says_whether_the_delivery_is_current(
+    demo_delivery, demo_validation, tmp_path
+):
+    """The validated demo is current for its profile; a profile with one more package is not,
+    and the finding names the layer that differs. (Here, before test_e2e.py's re-export
+    writes the OVA again: the report is then for another OVA, and verify says so.)"""
+    assert demo_validation.returncode == 0, demo_validation.stdout
+    current = run_factory("verify", str(demo_delivery), "--profile", str(DEMO_PROFILE))
+    assert current.returncode == 0, current.stdout + current.stderr
+    assert "built from the 6 layers demo.yaml makes now" in current.stdout
+    assert "demo_hello_v1.ova passed" in current.stdout
+    assert "is current for" in current.stdout
+
+    changed = demo_variant(tmp_path, lambda p: p["environments"][0]["pip"].append("idna"))
+    stale = run_factory("verify", str(demo_delivery), "--profile", str(changed))
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    assert "layer 'env demo' differs" in stale.stdout, stale.stdout
+    assert "verification failed for manifest.json" in stale.stderr

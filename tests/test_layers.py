@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from factory.cli_build import format_explain
-from factory.errors import FactoryError
+from factory.errors import FactoryError, ToolError
 from factory.layers import Layer, LayerStore, cache_max_bytes, explain, parse_size
 from tests.conftest import REPO, run_factory, wait_until
 
@@ -137,6 +137,24 @@ def test_a_layer_is_there_once_published_and_gone_with_its_parents_image(
     assert not store.has(chain.system)
     assert not store.has(chain.conda)  # its manifest and image are there, its backing is not
     assert not store.has(chain.client)  # never stored
+
+
+def test_a_damaged_overlay_is_never_published(tmp_path: Path, store: LayerStore):
+    """qemu-img check runs before the rename: a truncated overlay (its refcount block cut
+    off, as a full disk or a dead copy to shared storage leaves it) is refused and removed,
+    and nothing of it is stored."""
+    chain = Chain(tmp_path)
+    scratch = tmp_path / "scratch.qcow2"
+    qcow2(scratch, backing=store.image(chain.base))
+    with open(scratch, "r+b") as image:
+        image.truncate(70000)
+    with pytest.raises(ToolError, match=r"layer system \(\w{12}\): qemu-img check failed"):
+        store.publish(chain.system, scratch, "demo")
+    assert not store.has(chain.system)
+    assert not store.image(chain.system).exists()
+    assert list(store.root.iterdir()) == []
+    publish(store, chain.system)  # a sound one is stored
+    assert store.has(chain.system)
 
 
 def test_publish_and_touch_record_when_and_by_whom(tmp_path: Path, store: LayerStore):
