@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory.errors import FactoryError
+from factory.errors import ConflictError
 
 LEVELS = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 DEFAULT_LEVEL = "x86-64-v2"
@@ -173,4 +173,4 @@ def check_locked_baselines(
             wheel = fetch_wheel(package.url, package.sha256)
             problem = baseline_problem(lock.name, package.name, package.version, wheel, promised)
             if problem:
-                raise FactoryError(problem)
+                raise ConflictError(problem)

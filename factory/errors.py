@@ -27,6 +27,17 @@ class ProfileError(FactoryError):
     exit_code = ExitCode.BAD_INPUT
 
 
+class ConflictError(FactoryError):
+    """The environments do not resolve, or what they resolve to cannot run on the target (its
+    CUDA, its CPU level). The message is one line; `details` is the whole story."""
+
+    exit_code = ExitCode.CONFLICT
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details or message
+
+
 class ToolError(FactoryError):
     """An external tool (packer, qemu, mmdebstrap) failed or is missing."""
 

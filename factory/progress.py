@@ -13,6 +13,8 @@ class Progress:
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True, highlight=False)
+        # In a log file (a scheduler's, CI's) a line stays whole, for grep.
+        self.soft_wrap = not self.console.is_terminal
         self.started = time.monotonic()
         self.stage = ""
         self.step = ""
@@ -36,14 +38,16 @@ class Progress:
     def set_stage(self, stage: str) -> None:
         self.stage = stage
         self.step = ""
-        self.console.print(f"[{self.elapsed()}] {stage}", markup=False)
+        self.console.print(f"[{self.elapsed()}] {stage}", markup=False, soft_wrap=self.soft_wrap)
         self.refresh()
 
     def update(self, step: str) -> None:
         """Record a new step; repeated identical steps only refresh the elapsed time."""
         if step != self.step:
             self.step = step
-            self.console.print(f"[{self.elapsed()}]   {step}", markup=False)
+            self.console.print(
+                f"[{self.elapsed()}]   {step}", markup=False, soft_wrap=self.soft_wrap
+            )
         self.refresh()
 
     def refresh(self) -> None:

@@ -23,7 +23,7 @@ from rattler.exceptions import SolverError
 from factory import cache, cpu, gpu
 from factory.cache import cache_subdir, inputs_key
 from factory.download import fetch_locked
-from factory.errors import ExitCode, FactoryError, InfrastructureError
+from factory.errors import ConflictError, FactoryError, InfrastructureError
 from factory.files import write_text_atomically
 from factory.profile import Environment, LoadedProfile, package_name, spec_channel
 
@@ -34,16 +34,6 @@ PIP_PLATFORMS = ["manylinux2014_x86_64", "linux_x86_64"] + [
 LOCK_FORMAT = 1
 # Lock-time pip reads only this index: the host's pip configuration is ignored (--isolated).
 PIP_INDEX_URL = "https://pypi.org/simple"
-
-
-class ConflictError(FactoryError):
-    """An environment cannot be solved; the message is one line, `details` the full story."""
-
-    exit_code = ExitCode.CONFLICT
-
-    def __init__(self, message: str, details: str) -> None:
-        super().__init__(message)
-        self.details = details
 
 
 @dataclass(frozen=True)
@@ -414,7 +404,7 @@ def check_cuda_builds(loaded: LoadedProfile, locks: dict[str, EnvLock]) -> None:
         built_for = gpu.locked_cuda_runtime(pip)
         if built_for and built_for != gpu.minor(target.cuda):
             frameworks = [f"{n} {v}" for n, v in pip if n in ("torch", "tensorflow", "jax")]
-            raise FactoryError(
+            raise ConflictError(
                 f"environment '{lock.name}': the locked {', '.join(frameworks) or 'wheels'} "
                 f"{'is' if len(frameworks) == 1 else 'are'} built for CUDA {built_for}, but "
                 f"gpu.cuda is {target.cuda}; pin a release built for {target.cuda} or set "
