@@ -35,7 +35,7 @@ class ConflictError(FactoryError):
 
     def __init__(self, message: str, details: str = "") -> None:
         super().__init__(message)
-        self.details = details or message
+        self.details = details  # printed after the error line when there is more to say
 
 
 class ToolError(FactoryError):
