@@ -276,6 +276,12 @@ def _check_image(image: Path, layer: Layer) -> None:
         )
 
 
+def chain_keys(chain: list[Layer]) -> list[dict]:
+    """Each layer's name and key, root first: what a build manifest records, and what
+    `factory verify --profile` compares with the chain a profile makes now."""
+    return [{"name": layer.name, "key": layer.key} for layer in chain]
+
+
 def _descendants(key: str, entries: list[dict]) -> set[str]:
     children = {r["key"] for r in entries if r.get("parent") == key}
     return children.union(*(_descendants(child, entries) for child in children))

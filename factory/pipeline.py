@@ -37,7 +37,7 @@ from factory.errors import FactoryError, InfrastructureError
 from factory.files import replace_path, staging_dir
 from factory.host import VMSize
 from factory.keys import KeyPair, ephemeral_keypair
-from factory.layers import LayerStatus, LayerStore, cache_max_bytes, explain
+from factory.layers import LayerStatus, LayerStore, cache_max_bytes, chain_keys, explain
 from factory.profile import LoadedProfile
 from factory.progress import Progress, plain_log
 from factory.render import BuildInputs, build_vm_size, render_build_dir
@@ -298,8 +298,7 @@ def _run_stages(
     if removed:
         freed = human_bytes(sum(record["bytes"] for record in removed))
         progress.log(f"cache: {len(removed)} least recently used layers removed ({freed})")
-    keys = [{"name": layer.name, "key": layer.key} for layer in layers]
-    return _Built(staged, digests, guest, base_record(loaded, base_image), keys)
+    return _Built(staged, digests, guest, base_record(loaded, base_image), chain_keys(layers))
 
 
 def _report_sizes(staged: Delivery, guest: dict | None, progress: Progress) -> None:

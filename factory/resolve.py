@@ -252,10 +252,9 @@ def solve_pip(env_name: str, python: str, requirements: list[str]) -> list[PipPa
                 ln.removeprefix("ERROR: ") for ln in text.splitlines() if ln.startswith("ERROR")
             ] or [text[:200]]
             telling = ("No matching distribution", "Cannot install", "conflict")
-            first = next((e for e in errors if any(t in e for t in telling)), errors[-1])
-            if not any(t in e for e in errors for t in telling) and any(
-                sign in text for sign in PIP_HOST_TROUBLE
-            ):
+            resolution = next((e for e in errors if any(t in e for t in telling)), None)
+            first = resolution or errors[-1]
+            if resolution is None and any(sign in text for sign in PIP_HOST_TROUBLE):
                 raise InfrastructureError(
                     f"environment '{env_name}': pip could not fetch what it needs to resolve "
                     f"{', '.join(requirements)} ({first}); check this host's network and free "

@@ -214,6 +214,7 @@ def _ova_signature(
 
 def current_for(folder: Path, profile: Path) -> list[Finding]:
     """The delivery against what `profile` makes now: its layers, and its validation."""
+    from factory.layers import chain_keys
     from factory.pipeline import BuildOptions, explain_build
     from factory.profile import load_profile
 
@@ -224,7 +225,7 @@ def current_for(folder: Path, profile: Path) -> list[Finding]:
         findings = [Finding("manifest.json", False, "records no layer keys: build it again")]
     else:
         statuses = explain_build(loaded, BuildOptions(outputs=folder.parent))
-        now = [{"name": s.layer.name, "key": s.layer.key} for s in statuses]
+        now = chain_keys([status.layer for status in statuses])
         findings = [_layers_finding(recorded, now, profile)]
     return findings + [_validation_finding(folder)]
 
