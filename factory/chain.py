@@ -47,7 +47,13 @@ from factory.resolve import image_environments
 # its disk; the conda layer grows the disk to the profile's size.
 SYSTEM_DISK_GIB = 4
 _SETTING = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)")
-_CLIENT_SCRIPTS = ("40-jupyter-client.sh", "50-client-files.sh", "60-admin.sh")
+_CLIENT_SCRIPTS = (
+    "40-jupyter-client.sh",
+    "45-services.sh",
+    "47-snapshots.sh",
+    "50-client-files.sh",
+    "60-admin.sh",
+)
 
 
 def _fingerprint(module: object) -> str:

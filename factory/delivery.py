@@ -175,6 +175,12 @@ def write_delivered_profile(loaded: LoadedProfile, delivery: Delivery) -> Path:
         shutil.copy2(source, delivery.path / "notebooks" / source.name)
         notebooks.append(f"notebooks/{source.name}")
     data["notebooks"] = notebooks
+    for service in data["services"]:
+        folder = delivery.path / "services" / service["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for source in map(Path, service["files"]):
+            shutil.copy2(source, folder / source.name)
+        service["files"] = [f"services/{service['name']}/{Path(f).name}" for f in service["files"]]
     for env in data["environments"]:
         env["channels"] = [loaded.resolve_channel(c) for c in env["channels"]]
         env.pop("environment_file")  # already merged in

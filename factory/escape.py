@@ -46,3 +46,10 @@ def cloud_config(document: dict) -> str:
     return "#cloud-config\n" + yaml.safe_dump(
         document, sort_keys=False, allow_unicode=False, width=1 << 16
     )
+
+
+def systemd_word(word: str) -> str:
+    """`word` as one quoted word of a systemd ExecStart= line, taken literally: no variable
+    ($) or specifier (%) expansion."""
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("%", "%%").replace("$", "$$") + '"'

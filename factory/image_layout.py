@@ -31,6 +31,14 @@ JUPYTER_HOME = PurePosixPath("/srv/jupyter")
 NOTEBOOKS_DIR = JUPYTER_HOME / "notebooks"
 SAMPLES_DIR = NOTEBOOKS_DIR / "samples"
 
+# The client's services: each in its own folder, its units named factory-service-<name>.
+SERVICES_DIR = PurePosixPath("/srv/services")
+SERVICES_CONFIG_DIR = CONFIG_DIR / "services"
+NGINX_SERVICES_DIR = PurePosixPath("/etc/nginx/factory-services")
+# The environments' locks as built, and the snapshots taken of them.
+LOCKS_DIR = PurePosixPath("/opt/factory/locks")
+SNAPSHOTS_DIR = PurePosixPath("/var/backups/factory")
+
 
 def settings() -> dict[str, str]:
     """The layout as settings.sh variables, for the stage scripts and the in-image tools."""
@@ -47,4 +55,9 @@ def settings() -> dict[str, str]:
         "FACTORY_JUPYTER_HOME": str(JUPYTER_HOME),
         "FACTORY_NOTEBOOKS_DIR": str(NOTEBOOKS_DIR),
         "FACTORY_SAMPLES_DIR": str(SAMPLES_DIR),
+        "FACTORY_SERVICES_DIR": str(SERVICES_DIR),
+        "FACTORY_SERVICES_CONFIG_DIR": str(SERVICES_CONFIG_DIR),
+        "FACTORY_NGINX_SERVICES_DIR": str(NGINX_SERVICES_DIR),
+        "FACTORY_LOCKS_DIR": str(LOCKS_DIR),
+        "FACTORY_SNAPSHOTS_DIR": str(SNAPSHOTS_DIR),
     }

@@ -25,14 +25,22 @@ from factory.profile import BUILD_USER, LoadedProfile
 from factory.resolve import image_environments
 from factory.resources import PROVISIONERS_DIR
 from factory.seed import meta_data, temporary_login, write_seed_files
+from factory.service_units import write_service_files
 from factory.templates import render_template
 
 # Ordered stages. The guest stages run in the build VM (the system layer); the host stages run
 # after it, in a chroot of the image on the build host (factory/chain.py), one layer each.
 GUEST_SCRIPTS = ["10-system.sh", "12-security.sh", "14-monitoring.sh", "15-gpu.sh", "30-jupyter.sh"]
 CONDA_SCRIPT = "20-conda-envs.sh"
-HOST_SCRIPTS = [CONDA_SCRIPT, "40-jupyter-client.sh", "50-client-files.sh", "60-admin.sh"]
-JUPYTER_STAGES = ["30-jupyter.sh", "40-jupyter-client.sh", "50-client-files.sh"]
+HOST_SCRIPTS = [
+    CONDA_SCRIPT,
+    "40-jupyter-client.sh",
+    "45-services.sh",
+    "47-snapshots.sh",
+    "50-client-files.sh",
+    "60-admin.sh",
+]
+JUPYTER_STAGES = ["30-jupyter.sh", "40-jupyter-client.sh", "45-services.sh", "50-client-files.sh"]
 # The payload files the guest stages read: the only ones uploaded to the build VM.
 GUEST_PAYLOAD_FILES = [
     "settings.sh",
@@ -249,9 +257,17 @@ def render_build_dir(
     return build_dir
 
 
-def sample_notebook(path: Path, kernel: str) -> str:
-    """A sample notebook set to open with the profile's first environment's kernel."""
+def notebook_kernel(notebook: dict, environments: list[str]) -> str:
+    """The environment a sample notebook runs on: the one its kernelspec names, when that is
+    one of the profile's environments, else the first."""
+    named = (notebook.get("metadata") or {}).get("kernelspec", {}).get("name")
+    return named if named in environments else environments[0]
+
+
+def sample_notebook(path: Path, environments: list[str]) -> str:
+    """A sample notebook set to open with its own environment's kernel (notebook_kernel)."""
     notebook = json.loads(path.read_text())
+    kernel = notebook_kernel(notebook, environments)
     notebook.setdefault("metadata", {})["kernelspec"] = {
         "name": kernel,
         "display_name": f"Python ({kernel})",
@@ -280,9 +296,9 @@ def write_client_files(loaded: LoadedProfile, payload: Path) -> None:
     profile = loaded.profile
     notebooks = payload / "notebooks"
     notebooks.mkdir(exist_ok=True)
-    kernel = profile.environments[0].name
+    environments = [env.name for env in profile.environments]
     for source in map(Path, profile.notebooks):
-        (notebooks / source.name).write_text(sample_notebook(source, kernel))
+        (notebooks / source.name).write_text(sample_notebook(source, environments))
     if profile.jupyter.tls is not None:
         tls = payload / "tls"
         tls.mkdir(mode=0o700, exist_ok=True)
@@ -292,6 +308,7 @@ def write_client_files(loaded: LoadedProfile, payload: Path) -> None:
         shutil.copyfile(profile.jupyter.tls.key, key)
     if profile.monitoring.prometheus:
         (payload / "prometheus.yml").write_text(prometheus_config(loaded))
+    write_service_files(loaded, payload)
 
 
 def parse_hcl_files(build_dir: Path) -> dict[str, dict]:

@@ -69,6 +69,8 @@ server {
     add_header Strict-Transport-Security "max-age=31536000" always;
     # Jupyter's metrics are for the local Prometheus only.
     location = /metrics { return 403; }
+    # The client's services (the profile's services), each at /<name>/.
+    include ${FACTORY_NGINX_SERVICES_DIR}/*.conf;
     location / {
         proxy_pass http://127.0.0.1:${JUPYTER_PORT};
         proxy_http_version 1.1;
@@ -85,6 +87,7 @@ server {
 }
 NGINX
 ln -sf /etc/nginx/sites-available/jupyter /etc/nginx/sites-enabled/jupyter
+install -d -m 755 "$FACTORY_NGINX_SERVICES_DIR"
 # Access logs are kept as long as the audit logs.
 sed -i -e "s/^\trotate .*/\trotate ${AUDIT_RETENTION_DAYS}/" -e "s/^\tweekly/\tdaily/" \
     /etc/logrotate.d/nginx

@@ -39,9 +39,11 @@ SHARED_FIXTURE_MODULES = {
     "demo": (
         "demo_delivery",  # built, validated, exported again and booted by vagrant
         [
+            "test_deploy.py",
             "test_dossier.py",
             "test_e2e.py",
             "test_layered_build.py",
+            "test_oci.py",
             "test_ovf_schema.py",
             "test_pipeline.py",
             "test_provenance.py",

@@ -292,8 +292,17 @@ def test_demo_validates(demo_validation, demo_delivery):
         "audit: Jupyter access is logged",
         "updates: automatic security updates are off",
         "hygiene: no private key, token or password from the build",
+        "score: answers /health through nginx over TLS",
+        "score: runs as its own user svc-score",
+        "score: port 8601 reachable only through nginx",
+        "score: secrets made on this machine's first boot",
+        "score: restarts on failure",
+        "snapshots: factory-snapshot.timer is on",
+        "snapshots: a snapshot holds every environment",
     ):
         assert expected in names, expected
+    rollback = [n for n in names if n.startswith("snapshots: demo broken, then rolled back to ")]
+    assert len(rollback) == 1, names
     for report_file in ("report.xml", "report.html"):
         assert (demo_delivery / report_file).stat().st_size > 0
     cpu = report["subject"]["cpu"]
@@ -305,16 +314,17 @@ def test_demo_validates(demo_validation, demo_delivery):
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):
-    """Six broken promises: an image with root login switched back on, that creates cloud-init's
-    default account when imported without a seed, and whose dpkg database holds one package
-    older than its security index with no security suite in its sources; a profile that
+    """Seven broken promises: an image with root login switched back on, that creates
+    cloud-init's default account when imported without a seed, whose client service is not
+    started, and whose dpkg database holds one package older than its security index with no
+    security suite in its sources; a profile that
     promises a package and an NVIDIA driver the image lacks, and a lock that names a version
     the image does not hold. Within the groups they touch, exactly the checks of those fail,
     and GPU level 2 is reported as skipped (no GPU), never as passed."""
     assert demo_validation.returncode == 0
     copy = tmp_path / "demo_hello_v1"
     copy.mkdir()
-    for name in ("locks", "notebooks"):
+    for name in ("locks", "notebooks", "services"):
         shutil.copytree(demo_delivery / name, copy / name)
     shutil.copy2(demo_delivery / updates.INDEX_FILE, copy / updates.INDEX_FILE)
     index = updates.SecurityIndex.from_json(json.loads((copy / updates.INDEX_FILE).read_text()))
@@ -323,6 +333,7 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
         config = next((root / "etc/ssh/sshd_config.d").glob("*-factory.conf"))
         config.write_text(config.read_text().replace("PermitRootLogin no", "PermitRootLogin yes"))
         (root / "etc/cloud/cloud.cfg.d/91-factory-no-default-user.cfg").unlink()
+        (root / "etc/systemd/system/multi-user.target.wants/factory-service-score.service").unlink()
         unpatched = unpatch_one_package(root, index)
     export.export_ova(raw, virtual_hardware(load_profile(demo_delivery / "profile.yaml")), copy)
     raw.unlink()
@@ -339,7 +350,7 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     report_dir = tmp_path / "reports"
     # The groups the broken promises touch; every other group passed on the unmodified image
     # (test_demo_validates), and skipping them keeps this second boot short.
-    only = "importer,cpu,env,lock,ssh,updates,credentials,gpu"
+    only = "importer,cpu,env,lock,ssh,updates,credentials,client-services,gpu"
     result = run_factory("validate", str(copy), "--report-dir", str(report_dir), "--only", only)
     assert result.returncode == 5  # validation failed
     assert "demo: imports requests" in result.stderr
@@ -352,6 +363,10 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
         "gpu: kernel module built for the booted kernel",
         "gpu: nvidia-smi is present",
         "importer: no account beyond the profile's",
+        "score: answers /health through nginx over TLS",
+        "score: port 8601 reachable only through nginx",
+        "score: runs as its own user svc-score",
+        "score: secrets made on this machine's first boot",
         "ssh: root login with an authorised key is refused",
         "ssh: sshd denies root login",
         f"updates: every security update of {index.suite} ({index.date}) is installed",

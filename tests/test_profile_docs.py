@@ -119,6 +119,7 @@ def examples_copy(tmp_path) -> Path:
     """The example profiles and their notebooks, copied so that they can be broken."""
     folder = tmp_path / "profiles"
     shutil.copytree(REPO / "profiles" / "notebooks", folder / "notebooks")
+    shutil.copytree(REPO / "profiles" / "services", folder / "services")
     for path in EXAMPLES:
         shutil.copy(path, folder / path.name)
     return folder

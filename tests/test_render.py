@@ -253,10 +253,16 @@ def test_industry_profile_renders_and_packer_validates(name, tmp_path):
     )
     for key, value in INDUSTRY_PROFILES[name].items():
         assert settings[key] == value, key
-    notebooks = list((build / "payload" / "notebooks").glob("*.ipynb"))
-    assert len(notebooks) == 1
-    kernel = json.loads(notebooks[0].read_text())["metadata"]["kernelspec"]["name"]
-    assert kernel == load_profile(REPO / "profiles" / f"{name}.yaml").profile.environments[0].name
+    profile = load_profile(REPO / "profiles" / f"{name}.yaml").profile
+    notebooks = {p.name: p for p in (build / "payload" / "notebooks").glob("*.ipynb")}
+    assert sorted(notebooks) == sorted(Path(n).name for n in profile.notebooks)
+    envs = [env.name for env in profile.environments]
+    for source in map(Path, profile.notebooks):
+        # Each sample opens on the environment its own kernelspec names, else the first.
+        own = json.loads(source.read_text()).get("metadata", {}).get("kernelspec", {})
+        wanted = own.get("name") if own.get("name") in envs else envs[0]
+        kernel = json.loads(notebooks[source.name].read_text())["metadata"]["kernelspec"]
+        assert kernel["name"] == wanted
 
 
 @pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
@@ -414,3 +420,34 @@ def test_credentials_tell_it_how_to_read_first_boot_secrets():
     assert "Audit trail (2555 days)" in result.stdout
     bad = run_factory("credentials", "profiles/missing.yaml")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+def test_a_service_renders_as_a_unit_behind_nginx_with_no_secret_in_it(tmp_path):
+    """The demo's `score` service: a unit running the environment's own python as svc-score
+    from its folder, an nginx location to its loopback port, and only the names of its
+    secrets (the values are made on the machine)."""
+    result = run_factory("render", "profiles/demo.yaml", "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    service = tmp_path / "renders" / "demo_hello_v1" / "payload" / "services" / "score"
+    unit = (service / "factory-service-score.service").read_text()
+    assert 'ExecStart="/opt/conda/envs/demo/bin/python" "credit_score_api.py"' in unit
+    assert "User=svc-score" in unit and "WorkingDirectory=/srv/services/score" in unit
+    assert 'Environment="PORT=8601"' in unit and "Restart=on-failure" in unit
+    assert "EnvironmentFile=-/etc/factory/services/score.env" in unit
+    assert "API_KEY" not in unit
+    assert (service / "secrets").read_text() == "API_KEY\n"
+    nginx = (service / "nginx.conf").read_text()
+    assert "location /score/ {" in nginx and "proxy_pass http://127.0.0.1:8601/;" in nginx
+    assert sorted(p.name for p in (service / "files").iterdir()) == [
+        "credit_model.json",
+        "credit_score_api.py",
+    ]
+    snapshots = tmp_path / "renders" / "demo_hello_v1" / "payload" / "snapshots"
+    assert "OnCalendar=daily" in (snapshots / "factory-snapshot.timer").read_text()
+    assert "factory-env snapshot --keep 14" in (snapshots / "factory-snapshot.service").read_text()
+
+
+def test_a_service_command_word_is_taken_literally():
+    from factory.escape import systemd_word
+
+    assert systemd_word('a "b" $HOME 100%') == '"a \\"b\\" $$HOME 100%%"'

@@ -114,6 +114,17 @@ def _environment_paths(document: Document, index: int, env: object) -> object:
     return env
 
 
+def _service_paths(document: Document, index: int, service: object) -> object:
+    """A service with the files it names made absolute and checked."""
+    if not isinstance(service, dict) or not isinstance(service.get("files"), list):
+        return service
+    files = [
+        str(named_file(document, ("services", index, "files", n), name))
+        for n, name in enumerate(service["files"])
+    ]
+    return {**service, "files": files}
+
+
 def _absolute_paths(document: Document) -> dict:
     """The document's data with the files and local channels it names made absolute, each
     checked to lie under the allowed roots."""
@@ -126,6 +137,9 @@ def _absolute_paths(document: Document) -> dict:
     envs = data.get("environments")
     if isinstance(envs, list):
         data["environments"] = [_environment_paths(document, i, env) for i, env in enumerate(envs)]
+    services = data.get("services")
+    if isinstance(services, list):
+        data["services"] = [_service_paths(document, i, s) for i, s in enumerate(services)]
     tls = (data.get("jupyter") or {}).get("tls") if isinstance(data.get("jupyter"), dict) else None
     if isinstance(tls, dict):
         resolved = {
@@ -157,6 +171,6 @@ def load_profile(path: Path | str) -> LoadedProfile:
     if profile.jupyter.tls is not None:
         check_client_tls(chain, profile.jupyter.tls)
     digest = hashlib.sha256(b"".join(d.raw for d in chain))
-    for sample in profile.notebooks:
+    for sample in [*profile.notebooks, *(f for s in profile.services for f in s.files)]:
         digest.update(Path(sample).read_bytes())
     return LoadedProfile(profile=profile, path=chain[0].path, sha256=digest.hexdigest())

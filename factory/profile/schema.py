@@ -27,6 +27,7 @@ from factory.profile.sections import (
     one_line,
     spec_channel,
 )
+from factory.profile.services import Service, Snapshots
 
 
 class Profile(Strict):
@@ -68,6 +69,16 @@ class Profile(Strict):
         default_factory=list,
         description="Sample notebooks (.ipynb, relative to the file that names them) shipped "
         "into Jupyter's home; the validator runs each one.",
+    )
+    services: list[Service] = Field(
+        default_factory=list,
+        description="The client's own services (e.g. a model behind a web API), each a systemd "
+        "unit behind nginx at https://HOST/<name>/.",
+    )
+    snapshots: Snapshots | None = Field(
+        None,
+        description="Scheduled snapshots of the environments to /var/backups/factory, e.g. "
+        "{every: daily, keep: 14}; `factory-env rollback ENV SNAPSHOT` restores one.",
     )
     virtual_packages: dict[str, str] = Field(
         default_factory=dict,
@@ -236,6 +247,33 @@ class Profile(Strict):
                 "notebooks: sample notebooks are shipped into Jupyter's home; "
                 "set jupyter.enabled: true or remove them"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _services_fit(self) -> Profile:
+        envs = [env.name for env in self.environments]
+        taken = {self.jupyter.port: "jupyter.port"}
+        for index, service in enumerate(self.services):
+            where = f"services[{index}]"
+            if not self.jupyter.enabled:
+                raise ValueError(
+                    f"{where}: services are served by Jupyter's nginx; set jupyter.enabled: "
+                    "true or remove services"
+                )
+            if service.environment not in envs:
+                raise ValueError(
+                    f"{where}.environment: no environment '{service.environment}'; use one of "
+                    f"{', '.join(envs)}"
+                )
+            if service.port in taken or service.port in self.security.open_ports:
+                other = taken.get(service.port, "security.open_ports")
+                raise ValueError(
+                    f"{where}.port: {service.port} is also {other}; a service listens on "
+                    "127.0.0.1 only, behind nginx: choose a free port"
+                )
+            taken[service.port] = f"{where}.port"
+            if [s.name for s in self.services].count(service.name) > 1:
+                raise ValueError(f"{where}.name: duplicate name '{service.name}'")
         return self
 
     def target_virtual_packages(self) -> dict[str, str]:

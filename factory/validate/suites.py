@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from factory.resolve import image_environments
 from factory.validate import (
     audit,
+    client_services,
     cloudinit,
     cpu,
     env,
@@ -20,6 +21,7 @@ from factory.validate import (
     jupyter,
     offline,
     services,
+    snapshots,
     ssh,
     updates,
 )
@@ -38,12 +40,14 @@ SUITES = (
     "ssh",
     "firewall",
     "services",
+    "client-services",
     "monitoring",
     "audit",
     "updates",
     "credentials",
     "hygiene",
     "offline",
+    "snapshots",
     "gpu",
 )
 
@@ -58,12 +62,14 @@ MACHINE_CHECKS: list[tuple[str, Check]] = [
     ("ssh", ssh.check_ssh_hardening),
     ("firewall", firewall.check_firewall),
     ("services", services.check_services_unprivileged),
+    ("client-services", client_services.check_client_services),
     ("monitoring", services.check_monitoring),
     ("audit", audit.check_audit),
     ("updates", updates.check_updates),
     ("credentials", hygiene.check_build_credentials_removed),
     ("hygiene", hygiene.check_image_hygiene),
     ("offline", offline.check_offline),
+    ("snapshots", snapshots.check_snapshots),  # breaks and restores an environment: late
     ("gpu", gpu.check_gpu_level1),
     ("gpu", gpu.check_gpu_level2),
 ]
@@ -84,11 +90,17 @@ def planned_suites(ctx: CheckContext) -> list[tuple[str, Callable[[], list[Check
     return suites
 
 
-def run_all_checks(ctx: CheckContext, only: Iterable[str] = SUITES) -> list[CheckResult]:
-    """Every check the profile implies, in a stable order; `only` names a subset of SUITES."""
+Plan = Callable[[CheckContext], list[tuple[str, Callable[[], list[CheckResult]]]]]
+
+
+def run_all_checks(
+    ctx: CheckContext, only: Iterable[str] = SUITES, plan: Plan = planned_suites
+) -> list[CheckResult]:
+    """Every check the profile implies, in a stable order; `only` names a subset of SUITES.
+    `plan` chooses the checks for another kind of target (a container: validate/container.py)."""
     wanted = set(only)
     results: list[CheckResult] = []
-    for key, suite in planned_suites(ctx):
+    for key, suite in plan(ctx):
         if key not in wanted:
             continue
         started = time.monotonic()
