@@ -7,6 +7,7 @@ APT_PACKAGES := packer qemu-system-x86 qemu-utils mmdebstrap genisoimage cloud-i
 	fdisk e2fsprogs shellcheck python3-venv python3-dev gcc make curl ca-certificates \
 	vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients dnsmasq-base ruby \
 	chromium-headless-shell openssh-client slurmctld slurmd slurm-client munge \
+	podman runc skopeo umoci \
 	$(shell cat tests/channel/apt-packages.txt 2>/dev/null)
 DEMO := outputs/demo_hello_v1
 # Test workers: the client profiles, the demo and the rest share the cores (tests/conftest.py).

@@ -78,8 +78,10 @@ class Delivery:
 
     @property
     def artifacts(self) -> list[Path]:
-        """The disk images SHA256SUMS and manifest.json list."""
-        return [self.ova, self.qcow2]
+        """What SHA256SUMS and manifest.json list: the disk images, and the container images
+        when the delivery has them (`--format oci`)."""
+        images = [self.path / f"{self.name}.{kind}.tar" for kind in ("oci", "docker")]
+        return [self.ova, self.qcow2, *(image for image in images if image.is_file())]
 
     @contextmanager
     def lock(self) -> Iterator[None]:

@@ -35,8 +35,9 @@ VERSION_ARGS: dict[str, list[str] | None] = {
     "cloud-localds": None,
 }
 # Useful, but a build runs without them: apt-get and dpkg-deb only fetch a kernel for the KVM
-# probe when the host has none, shellcheck checks the stage scripts.
-OPTIONAL_TOOLS = ("apt-get", "dpkg-deb", "shellcheck")
+# probe when the host has none, shellcheck checks the stage scripts; the container tools make
+# and check `--format oci` only.
+OPTIONAL_TOOLS = ("apt-get", "dpkg-deb", "shellcheck", "umoci", "skopeo", "podman", "runc")
 
 
 def check_host() -> list[HostCheck]:

@@ -22,6 +22,7 @@ from factory.errors import FactoryError
 from factory.escape import cloud_config, hcl_string, shell_assignments
 from factory.keys import KeyPair
 from factory.profile import BUILD_USER, LoadedProfile
+from factory.profile.paths import notebook_kernel
 from factory.resolve import image_environments
 from factory.resources import PROVISIONERS_DIR
 from factory.seed import meta_data, temporary_login, write_seed_files
@@ -255,13 +256,6 @@ def render_build_dir(
             build_dir, inputs.build_key.private_key_file, REMOTE_BUILDERS.get(inputs.builder, {})
         )
     return build_dir
-
-
-def notebook_kernel(notebook: dict, environments: list[str]) -> str:
-    """The environment a sample notebook runs on: the one its kernelspec names, when that is
-    one of the profile's environments, else the first."""
-    named = (notebook.get("metadata") or {}).get("kernelspec", {}).get("name")
-    return named if named in environments else environments[0]
 
 
 def sample_notebook(path: Path, environments: list[str]) -> str:

@@ -35,6 +35,11 @@ TOOLS: dict[str, str] = {
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
     "shellcheck": "shellcheck",
+    # The container image (factory/oci.py) and its checks (factory/validate/container.py).
+    "umoci": "umoci",
+    "skopeo": "skopeo",
+    "podman": "podman",
+    "runc": "runc",
 }
 
 # Where root's tools live; a non-root $PATH often lacks them.

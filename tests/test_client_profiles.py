@@ -1,6 +1,6 @@
 """The client profiles as written: each is built through the real chain on this host (its
 build VM capped to what the host can give) and validated at its cpu_baseline, its sample
-notebook included. The demo's own e2e tests are in test_e2e.py."""
+notebooks included, each on its own kernel. The demo's own e2e tests are in test_e2e.py."""
 
 import json
 import subprocess
@@ -12,13 +12,17 @@ from tests.conftest import FACTORY, REPO, require_root, run_factory
 
 pytestmark = pytest.mark.e2e
 
+# Each profile's sample notebooks: {notebook: (the kernel it runs on, that kernel's python)}.
 CLIENT_PROFILES = {
-    "bank_credit_risk_v2": ("banking-credit-risk.ipynb", "credit-risk"),
-    "factory_predictive_maintenance_v1": (
-        "manufacturing-predictive-maintenance.ipynb",
-        "maintenance",
-    ),
+    "bank_credit_risk_v2": {"banking-credit-risk.ipynb": ("credit-risk", "3.11")},
+    # Two Pythons side by side: the legacy model's kernel and the new project's.
+    "factory_predictive_maintenance_v1": {
+        "manufacturing-predictive-maintenance.ipynb": ("maintenance", "3.11"),
+        "maintenance-next-remaining-life.ipynb": ("maintenance-next", "3.13"),
+    },
 }
+# The client's own services: the bank's credit model behind a web API.
+CLIENT_SERVICES = {"bank_credit_risk_v2": {"score": ("/health", 8601)}}
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +77,25 @@ def test_client_profile_validates_with_its_notebook(client_delivery):
     assert validation.returncode == 0, validation.stdout[-6000:] + validation.stderr[-2000:]
     report = json.loads((delivery / "report.json").read_text())
     statuses = {c["name"]: c["status"] for c in report["checks"]}
-    notebook, env = CLIENT_PROFILES[name]
-    assert statuses[f"notebooks: {notebook} runs headless"] == "passed"
-    assert statuses[f"{env}: environment exists"] == "passed"
-    assert statuses[f"{env}: matches its lock"] == "passed"
+    details = {c["name"]: c["detail"] for c in report["checks"]}
+    # Every environment is a kernel that starts the environment's own python.
+    assert statuses["jupyter: each environment is a kernel"] == "passed"
+    for notebook, (kernel, python) in CLIENT_PROFILES[name].items():
+        ran = f"notebooks: {notebook} runs headless"
+        assert statuses[ran] == "passed", details[ran]
+        assert details[ran].startswith(f"kernel {kernel}: "), details[ran]
+        assert statuses[f"{kernel}: environment exists"] == "passed"
+        assert statuses[f"{kernel}: python {python}"] == "passed"
+        assert statuses[f"{kernel}: matches its lock"] == "passed"
+    for service, (health, port) in CLIENT_SERVICES.get(name, {}).items():
+        for check in (
+            f"answers {health} through nginx over TLS",
+            f"runs as its own user svc-{service}",
+            f"port {port} reachable only through nginx",
+            "secrets made on this machine's first boot",
+            "restarts on failure",
+        ):
+            assert statuses[f"{service}: {check}"] == "passed", details[f"{service}: {check}"]
     assert [n for n, s in statuses.items() if s == "failed"] == []
     # Booted at the profile's level (the default, x86-64-v2), and the report says with what.
     assert report["subject"]["cpu"]["model"] == "Nehalem"

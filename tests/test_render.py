@@ -301,12 +301,18 @@ def test_build_vm_is_bounded_in_time_and_reachable_only_from_loopback(
 
 
 def test_industry_profiles_share_presets_not_copies():
-    """The examples inherit security, monitoring and notebooks from presets."""
+    """The examples inherit security, monitoring and offline mode from presets, and the
+    presets' notebooks are named where they are, never copied."""
+    presets = REPO / "factory" / "profile" / "presets" / "notebooks"
+    preset_notebooks = {p.read_bytes() for p in presets.glob("*.ipynb")}
     for name in INDUSTRY_PROFILES:
         text = (REPO / "profiles" / f"{name}.yaml").read_text()
         assert text.count("extends:") == 1
-        for key in ("security:", "monitoring:", "notebooks:", "offline:"):
+        for key in ("security:", "monitoring:", "offline:"):
             assert key not in text, (name, key)
+        for notebook in load_profile(REPO / "profiles" / f"{name}.yaml").profile.notebooks:
+            path = Path(notebook)
+            assert path.parent == presets or path.read_bytes() not in preset_notebooks, path
 
 
 def test_prometheus_config_scrapes_node_and_jupyter(tmp_path):

@@ -133,3 +133,17 @@ def sample_notebook(document: Document, loc: tuple, value: object) -> str:
             "metadata); save it again from Jupyter"
         )
     return str(path)
+
+
+def notebook_kernel(notebook: Path | dict, environments: list[str]) -> str:
+    """The environment a sample notebook runs on: the one its metadata.kernelspec.name names,
+    when that is one of the profile's environments, else the first."""
+    if isinstance(notebook, Path):
+        try:
+            notebook = json.loads(notebook.read_text())
+        except (OSError, ValueError):
+            notebook = {}
+    metadata = notebook.get("metadata") if isinstance(notebook, dict) else None
+    kernelspec = metadata.get("kernelspec") if isinstance(metadata, dict) else None
+    named = kernelspec.get("name") if isinstance(kernelspec, dict) else None
+    return named if named in environments else environments[0]

@@ -363,4 +363,3 @@ class Conda(Strict):
         if self.url and self.sha256:
             return self.url, self.sha256
         return MINICONDA_URL, MINICONDA_SHA256
-

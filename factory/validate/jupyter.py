@@ -1,12 +1,15 @@
 """Jupyter: the service runs unprivileged on 127.0.0.1 and wants its first-boot token; every
-environment is a kernel and every sample notebook runs headless."""
+environment is a kernel that runs the environment's own python, and every sample notebook runs
+headless on the kernel it names."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path, PurePosixPath
 
-from factory.image_layout import JUPYTER_ENV_PREFIX, SAMPLES_DIR
+from factory.image_layout import CONDA_ENVS, JUPYTER_ENV_PREFIX, SAMPLES_DIR
+from factory.profile.paths import notebook_kernel
 from factory.validate.context import (
     SKIPPED,
     CheckContext,
@@ -103,29 +106,48 @@ def check_jupyter(ctx: CheckContext) -> list[CheckResult]:
     return results
 
 
+def kernel_problems(specs: dict, environments: list[str]) -> list[str]:
+    """What is wrong with the environments' kernels: a missing kernel, or one that starts
+    another python than its environment's own."""
+    problems = []
+    for env in environments:
+        try:
+            python = PurePosixPath(specs[env]["spec"]["argv"][0])
+        except (KeyError, IndexError, TypeError):
+            problems.append(f"no kernel {env}")
+            continue
+        if python.parent != CONDA_ENVS / env / "bin" or not python.name.startswith("python"):
+            problems.append(f"kernel {env} runs {python}, not {CONDA_ENVS / env}/bin/python")
+    return problems
+
+
 def check_kernels_and_samples(ctx: CheckContext) -> list[CheckResult]:
-    """Every environment is a Jupyter kernel; every sample notebook runs headless."""
+    """Every environment is a Jupyter kernel on its own python; every sample notebook runs
+    headless on the kernel its metadata names (the first environment's when it names none of
+    them)."""
     profile = ctx.loaded.profile
     if not profile.jupyter.enabled:
         return []
     group = "notebooks"
     listed = ctx.target.run(f"{JUPYTER_BIN}/jupyter kernelspec list --json")
     try:
-        kernels = set(json.loads(listed.stdout)["kernelspecs"])
+        specs = json.loads(listed.stdout)["kernelspecs"]
     except (json.JSONDecodeError, KeyError):
-        kernels = set()
-    wanted = {env.name for env in profile.environments}
+        specs = {}
+    environments = [env.name for env in profile.environments]
+    problems = kernel_problems(specs, environments)
     results = [
         result(
             "jupyter: each environment is a kernel",
-            wanted <= kernels,
-            f"kernels {sorted(kernels)}; environments {sorted(wanted)}",
+            not problems,
+            f"kernels {sorted(specs)}; environments {sorted(environments)}"
+            + (f": {'; '.join(problems)}" if problems else ", each on its own python"),
             group,
         )
     ]
-    kernel = profile.environments[0].name
     for notebook in profile.notebooks:
         name = notebook.rsplit("/", 1)[-1]
+        kernel = notebook_kernel(Path(notebook), environments)
         run = ctx.target.run(
             "sudo -u jupyter -H sh -c "
             + quote(
@@ -140,7 +162,7 @@ def check_kernels_and_samples(ctx: CheckContext) -> list[CheckResult]:
             result(
                 f"notebooks: {name} runs headless",
                 run.ok,
-                run.stdout.strip() or error[:300],
+                f"kernel {kernel}: {run.stdout.strip() or error[:300]}",
                 group,
             )
         )

@@ -2,18 +2,22 @@
 
 What it holds:
 
-* ``linux-64/python-3.11.2`` -- CPython built by rattler-build from Debian's pool copy of the
-  upstream source (``recipes/python``), against Debian 12's runtime libraries;
-  ``linux-64/python_abi-3.11-4_cp311`` for the python package's run_exports.
+* ``linux-64/python-3.11.2`` and ``linux-64/python-3.13.5`` -- CPython built by rattler-build
+  from Debian's pool copies of the upstream source (``recipes/python``,
+  ``recipes/python-3.13``), against Debian 12's runtime libraries; ``python_abi`` 3.11 (cp311)
+  and 3.13 (cp313) for their run_exports.
 * ``noarch/`` pure-Python packages converted from pinned PyPI wheels by whl2conda
   (``WHEELS``: pip, setuptools, wheel + its dependency packaging, six, tabulate).
 * ``noarch/`` conflict fixtures: ``needs-newer-python`` (python >=3.13), ``pinned-lib`` 1.0 and
   2.0, ``wants-pinned-lib-1`` (pinned-lib 1.*) and ``wants-pinned-lib-2`` (pinned-lib 2.*).
 
 The channel is cached at ``cache_dir()/channels/test-<key>``, keyed by the recipes' contents,
-the pinned wheels and ``CHANNEL_FORMAT``. Building needs the apt packages in
-``apt-packages.txt``, Debian's mirror (the CPython source) and PyPI (the wheels); using a cached
-channel needs nothing. Test code only: nothing in ``factory/`` may import this.
+the pinned wheels and ``CHANNEL_FORMAT``. A new channel takes every package it can from the
+channels already built here (a recipe's package when it embeds that recipe's files unchanged, a
+converted wheel of the same pinned version) and builds only the rest: their bytes, and so the
+md5s that every cached environment layer is keyed by, stay as they were. Building needs the apt
+packages in ``apt-packages.txt``, Debian's mirror (the CPython source) and PyPI (the wheels);
+using a cached channel needs nothing. Test code only: nothing in ``factory/`` may import this.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +36,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from conda_package_streaming.package_streaming import stream_conda_info
 
 from factory.cache import cache_dir, inputs_key
 
@@ -58,10 +65,18 @@ WHEELS: dict[str, tuple[str, str]] = {
 SUBDIRS = ("linux-64", "noarch")
 
 
+#: Where a channel records the CHANNEL_FORMAT it was built with; a channel without it is format 1.
+FORMAT_FILE = "channel-format.json"
+
+
 def recipe_files() -> list[Path]:
-    """Every recipe.yaml under recipes/, in a stable order (python, the slow one, first)."""
+    """Every recipe.yaml under recipes/, in a stable order (the CPythons, the slow ones, first)."""
     files = sorted(RECIPES_DIR.glob("*/recipe.yaml"))
-    return sorted(files, key=lambda path: path.parent.name != "python")
+    return sorted(files, key=lambda path: not compiles_cpython(path.parent.name))
+
+
+def compiles_cpython(recipe_name: str) -> bool:
+    return recipe_name == "python" or recipe_name.startswith("python-")
 
 
 def channel_key() -> str:
@@ -102,8 +117,9 @@ def build_test_channel(log: Callable[[str], None] = print) -> Path:
         log(f"building the test channel test-{key} (full log: {log_path})")
         work = Path(tempfile.mkdtemp(prefix=f".test-{key}-", dir=root))
         try:
+            reusable = reusable_packages(root)
             with open(log_path, "w", encoding="utf-8") as log_file:
-                _Builder(work, log, log_file).build()
+                _Builder(work, log, log_file, reusable).build()
             if final.exists():  # an incomplete leftover from something else
                 shutil.rmtree(final)
             os.replace(work / "channel", final)
@@ -111,6 +127,65 @@ def build_test_channel(log: Callable[[str], None] = print) -> Path:
             shutil.rmtree(work, ignore_errors=True)
         log(f"test channel ready in {time.monotonic() - started:.0f} s: {final}")
         return final
+
+
+class BuiltPackage:
+    """A package file of an already built channel, and what it was made from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.subdir = path.parent.name
+        self.recipe_files: dict[str, bytes] = {}  # info/recipe/<path> -> bytes (rattler-build)
+        self.index: dict = {}
+        for tar, member in stream_conda_info(path):
+            if not member.isfile():
+                continue
+            if member.name == "info/index.json":
+                self.index = json.loads(tar.extractfile(member).read())
+            elif member.name.startswith("info/recipe/"):
+                relative = member.name.removeprefix("info/recipe/")
+                self.recipe_files[relative] = tar.extractfile(member).read()
+
+    def built_from(self, recipe_dir: Path) -> bool:
+        """Whether rattler-build made this package from recipe_dir's files as they are now."""
+        files = [path for path in recipe_dir.rglob("*") if path.is_file()]
+        return bool(files) and all(
+            self.recipe_files.get(str(path.relative_to(recipe_dir))) == path.read_bytes()
+            for path in files
+        )
+
+    def converted_wheel(self, name: str, version: str) -> bool:
+        """Whether this is whl2conda's package of that pinned wheel (PyPI never replaces a
+        release's files, so the version names the wheel)."""
+        return (
+            not self.recipe_files
+            and self.index.get("name") == name
+            and self.index.get("version") == version
+            and self.index.get("noarch") == "python"
+        )
+
+
+def channel_format(channel: Path) -> int:
+    record = channel / FORMAT_FILE
+    return json.loads(record.read_text())["format"] if record.is_file() else 1
+
+
+def reusable_packages(root: Path) -> list[BuiltPackage]:
+    """The packages of every complete channel under root built with this CHANNEL_FORMAT,
+    newest channel first, one per file name."""
+    channels = [
+        path
+        for path in root.glob("test-*")
+        if path.is_dir() and is_complete(path) and channel_format(path) == CHANNEL_FORMAT
+    ]
+    channels.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    packages: dict[str, BuiltPackage] = {}
+    for channel in channels:
+        for path in sorted(channel.glob("*/*.conda")):
+            key = f"{path.parent.name}/{path.name}"
+            if key not in packages:
+                packages[key] = BuiltPackage(path)
+    return list(packages.values())
 
 
 @contextlib.contextmanager
@@ -126,8 +201,15 @@ def _locked(path: Path) -> Iterator[None]:
 class _Builder:
     """One build of the channel inside the scratch directory ``work``."""
 
-    def __init__(self, work: Path, log: Callable[[str], None], log_file: IO[str]):
+    def __init__(
+        self,
+        work: Path,
+        log: Callable[[str], None],
+        log_file: IO[str],
+        reusable: list[BuiltPackage],
+    ):
         self.work = work
+        self.reusable = reusable
         self.channel = work / "channel"
         self.rattler_out = work / "rattler-build"
         self.wheels = work / "wheels"
@@ -155,13 +237,26 @@ class _Builder:
             package.chmod(0o644)  # rattler-build writes 0600
         self.say("indexing the channel")
         asyncio.run(self.index())
+        (self.channel / FORMAT_FILE).write_text(json.dumps({"format": CHANNEL_FORMAT}) + "\n")
+
+    def reuse(self, packages: list[BuiltPackage]) -> None:
+        """Copy already built packages in, byte for byte."""
+        for package in packages:
+            target = self.channel / package.subdir / package.path.name
+            shutil.copyfile(package.path, target)
+            origin = package.path.parent.parent.name
+            self.say(f"  reused {target.relative_to(self.channel)} from {origin}")
 
     def build_recipes(self) -> None:
         from rattler_build import Stage0Recipe, ToolConfiguration
 
         for recipe_file in recipe_files():
             name = recipe_file.parent.name
-            slow = " (compiles CPython: minutes)" if name == "python" else ""
+            built = [p for p in self.reusable if p.built_from(recipe_file.parent)]
+            if built:
+                self.reuse(built)
+                continue
+            slow = " (compiles CPython: minutes)" if compiles_cpython(name) else ""
             self.say(f"rattler-build: {name}{slow}")
             started = time.monotonic()
             recipe = Stage0Recipe.from_file(recipe_file)
@@ -195,14 +290,29 @@ class _Builder:
 
     def convert_wheels(self) -> None:
         self.wheels.mkdir()
+        missing = {}
+        for name, (version, sha256) in WHEELS.items():
+            converted = [p for p in self.reusable if p.converted_wheel(name, version)]
+            if converted:
+                self.reuse(converted[:1])
+            else:
+                missing[name] = (version, sha256)
+        if missing:
+            self.download_and_convert(missing)
+        converted = sorted(path.name for path in (self.channel / "noarch").glob("*-py_*.conda"))
+        self.say(f"  noarch wheels: {', '.join(converted)}")
+        if len(converted) != len(WHEELS):
+            raise RuntimeError(f"expected {len(WHEELS)} converted wheels, got {converted}")
+
+    def download_and_convert(self, wheels: dict[str, tuple[str, str]]) -> None:
         requirements = self.work / "wheels.txt"
         requirements.write_text(
             "".join(
                 f"{name}=={version} --hash=sha256:{sha256}\n"
-                for name, (version, sha256) in WHEELS.items()
+                for name, (version, sha256) in wheels.items()
             )
         )
-        self.say(f"downloading {len(WHEELS)} wheels from PyPI")
+        self.say(f"downloading {len(wheels)} wheels from PyPI")
         self._run(
             [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
              "--no-deps", "--only-binary=:all:", "--require-hashes",
@@ -214,10 +324,6 @@ class _Builder:
                  "--out-dir", str(self.channel / "noarch"), "--format", "V2",
                  "--batch", "--yes", "--overwrite"]
             )  # fmt: skip
-        converted = sorted(path.name for path in (self.channel / "noarch").glob("*-py_*.conda"))
-        self.say(f"  converted {', '.join(converted)}")
-        if len(converted) != len(WHEELS):
-            raise RuntimeError(f"expected {len(WHEELS)} converted wheels, got {converted}")
 
     def _run(self, command: list[str]) -> None:
         self.detail("$ " + " ".join(command))

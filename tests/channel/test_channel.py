@@ -11,7 +11,13 @@ import rattler
 from rattler import Channel
 from rattler.exceptions import SolverError
 
-from tests.channel import WHEELS, build_test_channel
+from tests.channel import (
+    RECIPES_DIR,
+    WHEELS,
+    _Builder,
+    build_test_channel,
+    reusable_packages,
+)
 
 PLATFORMS = ["linux-64", "noarch"]
 
@@ -23,6 +29,14 @@ def channel() -> Path:
 
 def solve(channel: Path, specs: list[str]) -> list[rattler.RepoDataRecord]:
     return asyncio.run(rattler.solve([Channel(channel.as_uri())], specs, platforms=PLATFORMS))
+
+
+def install(records: list[rattler.RepoDataRecord], prefix: Path, tmp_path: Path) -> None:
+    asyncio.run(
+        rattler.install(
+            records, target_prefix=prefix, cache_dir=tmp_path / "pkgs", show_progress=False
+        )
+    )
 
 
 def run_env_python(prefix: Path, *args: str) -> str:
@@ -61,11 +75,7 @@ def test_python_env_installs_and_works(channel: Path, tmp_path: Path) -> None:
 
     # Installed under a prefix unlike the build's placeholder, as /opt/conda/envs/demo would be.
     prefix = tmp_path / "conda" / "envs" / "demo"
-    asyncio.run(
-        rattler.install(
-            records, target_prefix=prefix, cache_dir=tmp_path / "pkgs", show_progress=False
-        )
-    )
+    install(records, prefix, tmp_path)
 
     out = run_env_python(
         prefix,
@@ -82,6 +92,62 @@ def test_python_env_installs_and_works(channel: Path, tmp_path: Path) -> None:
     assert lines[1] == "(3, 11, 2)"
     pip_version = run_env_python(prefix, "-m", "pip", "--version")
     assert pip_version.startswith(f"pip {WHEELS['pip'][0]} from {prefix}/lib/python3.11/")
+
+
+def test_python_313_env_works_and_takes_a_cp313_wheel(channel: Path, tmp_path: Path) -> None:
+    records = solve(channel, ["python=3.13", "pip"])
+    versions = {record.name.normalized: str(record.version) for record in records}
+    assert versions["python"] == "3.13.5"
+    prefix = tmp_path / "conda" / "envs" / "next"
+    install(records, prefix, tmp_path)
+    code = "import sys, ssl, sqlite3, ctypes, decimal\nprint(sys.prefix)\nprint(sys.version)"
+    out = run_env_python(prefix, "-c", code)
+    assert out.splitlines()[0] == str(prefix)
+    assert out.splitlines()[1].startswith("3.13.5 ")
+    # A binary wheel built for CPython 3.13 (its compiled module is cp313's) installs and loads.
+    run_env_python(
+        prefix, "-m", "pip", "install", "--only-binary=:all:", "--no-deps", "markupsafe==3.0.3"
+    )
+    speedups = run_env_python(prefix, "-c", "import markupsafe._speedups as m; print(m.__file__)")
+    assert speedups.strip().endswith("_speedups.cpython-313-x86_64-linux-gnu.so")
+
+
+def test_each_python_has_its_abi_package(channel: Path) -> None:
+    """The package each python's run_exports names (python_abi X.Y.* *_cpXY) is there."""
+    for python, abi in (("3.11", "cp311"), ("3.13", "cp313")):
+        records = solve(channel, [f"python={python}", f"python_abi {python}.* *_{abi}"])
+        (record,) = [r for r in records if r.name.normalized == "python_abi"]
+        assert (str(record.version), str(record.build).split("_")[-1]) == (python, abi)
+
+
+def test_a_new_channel_reuses_every_package_byte_for_byte(channel: Path, tmp_path: Path) -> None:
+    """What build_test_channel does when a recipe is added: every package it can take from an
+    existing channel (here: all of them) is copied, nothing is built or downloaded."""
+    root = tmp_path / "channels"
+    root.mkdir()
+    (root / "test-existing").symlink_to(channel)
+    reusable = reusable_packages(root)
+    for recipe in sorted(RECIPES_DIR.iterdir()):  # each recipe's package embeds its recipe
+        assert len([p for p in reusable if p.built_from(recipe)]) == 1, recipe.name
+    lines: list[str] = []
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(tmp_path / "build.log", "w") as log_file:
+        _Builder(work, lines.append, log_file, reusable).build()
+    assert not [line for line in lines if line.startswith(("rattler-build", "downloading"))]
+    built = sorted((work / "channel").glob("*/*.conda"))
+    assert [p.relative_to(work / "channel") for p in built] == [
+        p.relative_to(channel) for p in sorted(channel.glob("*/*.conda"))
+    ]
+    for package in built:
+        original = channel / package.parent.name / package.name
+        assert package.read_bytes() == original.read_bytes(), package.name
+    # A recipe that changed is built again rather than reused.
+    edited = tmp_path / "recipe"
+    edited.mkdir()
+    recipe = (RECIPES_DIR / "pinned-lib-1" / "recipe.yaml").read_text()
+    (edited / "recipe.yaml").write_text(recipe.replace("1.0", "1.1"))
+    assert not any(p.built_from(edited) for p in reusable)
 
 
 def test_conflicting_pins_do_not_solve(channel: Path) -> None:

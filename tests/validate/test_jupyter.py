@@ -58,6 +58,6 @@ def test_a_sample_notebook_that_raises_fails(ctx, target):
     target.answer(command, exit_code=1, stdout="", stderr=stderr)
     assert failed(check_kernels_and_samples(ctx)) == {
         "notebooks: demo-credit-score.ipynb runs headless": (
-            "nbclient.exceptions.CellExecutionError: boom"
+            "kernel demo: nbclient.exceptions.CellExecutionError: boom"
         )
     }
