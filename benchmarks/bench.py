@@ -188,7 +188,11 @@ def copy_profile(
     elif isinstance(extends, list):
         data["extends"] = [_absolute(e, here) if "/" in e else e for e in extends]
     if "notebooks" in data:
-        data["notebooks"] = [_absolute(n, here) for n in data["notebooks"]]
+        data["notebooks"] = [
+            n if n.startswith("preset:") else _absolute(n, here) for n in data["notebooks"]
+        ]
+    for service in data.get("services", []):
+        service["files"] = [_absolute(f, here) for f in service.get("files", [])]
     for env in data.get("environments", []):
         env["channels"] = [_absolute(c, here) if _local_path(c) else c for c in env["channels"]]
         if "environment_file" in env:

@@ -19,6 +19,7 @@ from factory import __version__
 from factory.cache import set_cache_dir
 from factory.cli_build import build
 from factory.cli_cache import cache
+from factory.cli_deploy import deploy
 from factory.cli_lifecycle import diff, new, release
 from factory.cli_options import (
     EXPORT_FORMATS,
@@ -95,6 +96,7 @@ def doctor(refresh: bool) -> None:
 
 cli.add_command(build)
 cli.add_command(cache)
+cli.add_command(deploy)
 cli.add_command(diff)
 cli.add_command(new)
 cli.add_command(plan)
@@ -230,12 +232,16 @@ def export_command(
     box_root: Path | None,
     box_url: str | None,
 ) -> None:
-    """Write a delivery's OVA or Vagrant boxes (again) from its qcow2."""
+    """Write a delivery's OVA, Vagrant boxes or container image (again) from its qcow2."""
     from factory.boxes import BOX_FORMATS, parse_formats
     from factory.delivery import reexport
     from factory.progress import Progress
 
     chosen = parse_formats(formats, EXPORT_FORMATS)
+    if "oci" in chosen:
+        from factory.oci import check_tools, export_oci
+
+        check_tools()
     with Progress() as progress:
         written = reexport(
             delivery,
@@ -246,6 +252,9 @@ def export_command(
             box_url=box_url,
             progress=progress,
         )
+        if "oci" in chosen:  # after the OVA: SHA256SUMS then lists both
+            progress.set_stage("oci")
+            written += export_oci(delivery, log=progress.log)
     for path in written:
         click.echo(f"exported {path}")
     if (delivery / "handover.html").is_file():
@@ -281,6 +290,12 @@ def export_command(
     "--only",
     help="Run only these groups of checks, comma-separated (e.g. gpu,env). Default: all of them.",
 )
+@click.option(
+    "--container",
+    is_flag=True,
+    help="Check the delivery's container image (NAME.oci.tar, from `factory export --format "
+    "oci`) in podman instead of booting the OVA; reports go to DELIVERY/container-validation/.",
+)
 def validate(
     delivery: Path | None,
     profile_path: Path | None,
@@ -289,6 +304,7 @@ def validate(
     report_dir: Path | None,
     accelerator: str,
     only: str | None,
+    container: bool,
 ) -> None:
     """Boot the delivered OVA (or reach --host) and check what the profile promises. With
     --host and DELIVERY, the live machine is checked against that delivery: its profile, its
@@ -306,7 +322,19 @@ def validate(
                 f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; "
                 f"use some of {', '.join(SUITES)}"
             )
-    if address:
+    if container and (address or delivery is None):
+        raise click.UsageError(
+            "--container checks a delivery's container image: give the delivery folder "
+            "(outputs/<name>) and leave out --host"
+        )
+    if container:
+        from factory.validate.container import validate_container
+
+        assert delivery is not None
+        outcome = validate_container(
+            delivery, profile_path=profile_path, report_dir=report_dir, log=plain_log, only=groups
+        )
+    elif address:
         if profile_path is None and delivery is not None:
             profile_path = delivery / "profile.yaml"
         if profile_path is None:
@@ -337,7 +365,7 @@ def validate(
     for result in outcome.results:
         click.echo(f"{result.status.upper():8} {result.name}: {result.detail}")
     click.echo("reports: " + ", ".join(str(p) for p in outcome.reports))
-    if not address and report_dir is None:
+    if not address and not container and report_dir is None:
         from factory.dossier import write_dossier
 
         click.echo(f"handover: {write_dossier(delivery)}")

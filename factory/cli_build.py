@@ -93,7 +93,10 @@ def build(
     """
     from factory.boxes import check_box_url, parse_formats
 
-    parse_formats(formats, EXPORT_FORMATS)
+    if "oci" in parse_formats(formats, EXPORT_FORMATS):
+        from factory.oci import check_tools
+
+        check_tools()  # before hours of build, not after
     check_box_url(box_url)
     if events and not explain:
         from factory import events as event_stream
@@ -146,8 +149,10 @@ def _build_one(profile: Path, options: BuildOptions, formats: str, box_url: str 
     from factory.profile import load_profile
     from factory.progress import Progress
 
-    # The OVA and the qcow2 are always written; --format adds the Vagrant boxes.
-    boxes = [f for f in parse_formats(formats, EXPORT_FORMATS) if f in BOX_FORMATS]
+    # The OVA and the qcow2 are always written; --format adds the Vagrant boxes and the
+    # container image.
+    chosen = parse_formats(formats, EXPORT_FORMATS)
+    boxes = [f for f in chosen if f in BOX_FORMATS]
     started, name = time.monotonic(), str(profile)
     try:
         loaded = load_profile(profile)
@@ -156,6 +161,12 @@ def _build_one(profile: Path, options: BuildOptions, formats: str, box_url: str 
         if boxes:
             with Progress() as progress:
                 reexport(final, ova=False, box_formats=boxes, box_url=box_url, progress=progress)
+        if "oci" in chosen:
+            from factory.oci import export_oci
+
+            with Progress() as progress:
+                progress.set_stage("oci")
+                export_oci(final, log=progress.log)
     except BaseException as error:
         _build_end(name, started, error=error)
         raise

@@ -17,7 +17,7 @@ outputs_option = click.option(
 )
 
 
-EXPORT_FORMATS = ("ova", "vagrant-libvirt", "vagrant-virtualbox")
+EXPORT_FORMATS = ("ova", "vagrant-libvirt", "vagrant-virtualbox", "oci")
 ova_digest_option = click.option(
     "--ova-digest",
     type=click.Choice(["sha1", "sha256"]),
@@ -42,7 +42,16 @@ def format_option(default: str):
     )
 
 
-PIPELINE_COMMANDS = ("lock", "bundle", "base", "render", "build", "export", "validate")
+PIPELINE_COMMANDS = (
+    "lock",
+    "bundle",
+    "base",
+    "render",
+    "build",
+    "export",
+    "validate",
+    "deploy",
+)
 TOOL_COMMANDS = (
     "cache",
     "credentials",

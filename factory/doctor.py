@@ -36,8 +36,17 @@ VERSION_ARGS: dict[str, list[str] | None] = {
 }
 # Useful, but a build runs without them: apt-get and dpkg-deb only fetch a kernel for the KVM
 # probe when the host has none, shellcheck checks the stage scripts; the container tools make
-# and check `--format oci` only.
-OPTIONAL_TOOLS = ("apt-get", "dpkg-deb", "shellcheck", "umoci", "skopeo", "podman", "runc")
+# and check `--format oci`, and virsh serves `factory deploy`.
+OPTIONAL_TOOLS = (
+    "apt-get",
+    "dpkg-deb",
+    "shellcheck",
+    "umoci",
+    "skopeo",
+    "podman",
+    "runc",
+    "virsh",
+)
 
 
 def check_host() -> list[HostCheck]:

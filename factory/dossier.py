@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from factory.deploy_imports import import_commands
 from factory.files import write_text_atomically
 from factory.handover import credentials_text
 from factory.profile import LoadedProfile, load_profile
@@ -112,6 +113,7 @@ def write_dossier(folder: Path) -> Path:
         verification=verification_commands(loaded.name),
         ova=f"{loaded.name}.ova",
         qcow2=f"{loaded.name}.qcow2",
+        imports=import_commands(folder, loaded),
     )
     path = folder / DOSSIER_FILE
     write_text_atomically(path, html)

@@ -40,6 +40,8 @@ TOOLS: dict[str, str] = {
     "skopeo": "skopeo",
     "podman": "podman",
     "runc": "runc",
+    # `factory deploy --to libvirt` (factory/deploy_libvirt.py).
+    "virsh": "libvirt-clients",
 }
 
 # Where root's tools live; a non-root $PATH often lacks them.

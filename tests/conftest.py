@@ -219,6 +219,8 @@ def demo_variant(folder: Path, change=None, file_name: str = "demo.yaml") -> Pat
     profile = yaml.safe_load(DEMO_PROFILE.read_text())
     profile["environments"][0]["channels"] = [str(REPO / "outputs" / "channels" / "demo")]
     profile["notebooks"] = [str(DEMO_PROFILE.parent / n) for n in profile["notebooks"]]
+    for service in profile.get("services", []):
+        service["files"] = [str(DEMO_PROFILE.parent / f) for f in service.get("files", [])]
     if change:
         change(profile)
     folder.mkdir(parents=True, exist_ok=True)

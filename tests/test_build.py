@@ -98,6 +98,7 @@ def installer_profile(tmp_path: Path, conda: str) -> Path:
         "notebooks/demo-credit-score.ipynb",
         str(DEMO_PROFILE.parent / "notebooks/demo-credit-score.ipynb"),
     )
+    text = text.replace("services/credit_", str(DEMO_PROFILE.parent / "services/credit_"))
     path = tmp_path / "installer.yaml"
     path.write_text(text + f"conda: {conda}\n")
     return path

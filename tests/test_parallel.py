@@ -6,6 +6,7 @@ The profiles here fail in their profile check, within a second: no VM and no pac
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def broken_profiles(folder: Path) -> dict[str, tuple[Path, str]]:
     notebooks.mkdir()
     for notebook in (DEMO_PROFILE.parent / "notebooks").glob("*.ipynb"):
         (notebooks / notebook.name).write_bytes(notebook.read_bytes())
+    shutil.copytree(DEMO_PROFILE.parent / "services", folder / "services")
     cases = {
         "cpus": (demo.replace("cpus: 2", "cpus: lots"), "resources.cpus"),
         "notebook": (

@@ -120,8 +120,6 @@ def examples_copy(tmp_path) -> Path:
     folder = tmp_path / "profiles"
     shutil.copytree(REPO / "profiles" / "notebooks", folder / "notebooks")
     shutil.copytree(REPO / "profiles" / "services", folder / "services")
-    # An example may name a preset's notebook where the package keeps it.
-    (tmp_path / "factory").symlink_to(REPO / "factory")
     for path in EXAMPLES:
         shutil.copy(path, folder / path.name)
     return folder

@@ -116,8 +116,21 @@ def local_channel(where: str, channel: object, folder: Path, roots: tuple[Path, 
     return resolved.as_uri()
 
 
+PRESET_NOTEBOOK = "preset:"
+
+
 def sample_notebook(document: Document, loc: tuple, value: object) -> str:
-    """A sample notebook named in the profile: a JSON object, as Jupyter saves it."""
+    """A sample notebook named in the profile: a JSON object, as Jupyter saves it. `preset:NAME`
+    names a notebook the presets ship (an installed package has them too)."""
+    if isinstance(value, str) and value.startswith(PRESET_NOTEBOOK):
+        shipped = sorted(p.name for p in (PRESETS_DIR / "notebooks").glob("*.ipynb"))
+        name = value.removeprefix(PRESET_NOTEBOOK)
+        if name not in shipped:
+            raise ProfileError(
+                f"{location(document, loc)}: no preset notebook '{name}'; use one of "
+                f"{', '.join(PRESET_NOTEBOOK + n for n in shipped)}"
+            )
+        value = str(PRESETS_DIR / "notebooks" / name)
     path = named_file(document, loc, value, ".ipynb")
     where = location(document, loc)
     try:

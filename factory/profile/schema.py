@@ -67,8 +67,9 @@ class Profile(Strict):
     )
     notebooks: list[str] = Field(
         default_factory=list,
-        description="Sample notebooks (.ipynb, relative to the file that names them) shipped "
-        "into Jupyter's home; the validator runs each one.",
+        description="Sample notebooks (.ipynb, relative to the file that names them, or "
+        "preset:NAME for one the presets ship) shipped into Jupyter's home; the validator runs "
+        "each one on the kernel its metadata names (else the first environment's).",
     )
     services: list[Service] = Field(
         default_factory=list,
