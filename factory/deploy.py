@@ -38,7 +38,7 @@ from factory.deploy_libvirt import (
     virsh,
 )
 from factory.errors import ExitCode, FactoryError
-from factory.validate.boot import _wait_for_host_keys
+from factory.validate.boot import wait_for_host_keys
 
 TARGETS = ("libvirt",)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -183,7 +183,7 @@ def _wait_for_boot(uri: str, deployment: Deployment, deadline: float, log: Calla
         why_stopped = Path(scratch) / "why-stopped.txt"
         why_stopped.touch()
         domain = _BootingDomain(uri, deployment, why_stopped, log)
-        return _wait_for_host_keys(domain, deployment.console, why_stopped, deadline)  # type: ignore[arg-type]
+        return wait_for_host_keys(domain, deployment.console, why_stopped, deadline)
 
 
 def _wait_for_address(uri: str, name: str, deadline: float) -> str:

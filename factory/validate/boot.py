@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from factory import kvm, seed
 from factory.errors import FactoryError, ToolError
@@ -149,7 +150,7 @@ def boot_delivery(
                     start_new_session=True,
                     preexec_fn=die_with_parent,
                 )
-            keys = _wait_for_host_keys(process, console, stderr, started + timeout)
+            keys = wait_for_host_keys(process, console, stderr, started + timeout)
             seconds = time.monotonic() - started
             yield BootedVM(port, keys, key, console, seconds, forwards, agent)
     finally:
@@ -161,9 +162,17 @@ def boot_delivery(
 KERNEL_PANIC = "Kernel panic - not syncing"
 
 
-def _wait_for_host_keys(
-    process: subprocess.Popen, console: Path, stderr: Path, deadline: float
-) -> list[str]:
+class Running(Protocol):
+    """What wait_for_host_keys watches: a QEMU process, or a libvirt domain (factory.deploy)."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+
+def wait_for_host_keys(process: Running, console: Path, stderr: Path, deadline: float) -> list[str]:
+    """The SSH host keys the first boot prints on `console`, once they are there; raises when
+    `process` stops first (with `stderr`'s text), the kernel panics or `deadline` passes."""
     while time.monotonic() < deadline:
         if process.poll() is not None:
             error = stderr.read_text(errors="replace")

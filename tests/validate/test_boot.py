@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from factory.errors import FactoryError
-from factory.validate.boot import _wait_for_host_keys
+from factory.validate.boot import wait_for_host_keys
 
 PANIC = (
     "[    0.004000] ..MP-BIOS bug: 8254 timer not connected to IO-APIC\n"
@@ -28,7 +28,7 @@ def test_a_panicked_boot_fails_at_once_with_the_panic_line(tmp_path: Path):
         started = time.monotonic()
         panicked = r"kernel panicked while booting: .*IO-APIC"
         with pytest.raises(FactoryError, match=panicked) as error:
-            _wait_for_host_keys(running, console, stderr, time.monotonic() + 600)
+            wait_for_host_keys(running, console, stderr, time.monotonic() + 600)
         assert time.monotonic() - started < 10
         kept = Path(str(error.value).rsplit("whole console: ", 1)[1].rstrip(")"))
         assert kept.read_text() == PANIC
@@ -45,7 +45,7 @@ def test_a_console_still_booting_is_waited_for(tmp_path: Path):
     running = subprocess.Popen(["sleep", "60"])
     try:
         with pytest.raises(FactoryError, match="did not print its SSH host keys") as error:
-            _wait_for_host_keys(running, console, stderr, time.monotonic() + 3)
+            wait_for_host_keys(running, console, stderr, time.monotonic() + 3)
         shutil.rmtree(Path(str(error.value).rsplit("whole console: ", 1)[1].rstrip(")")).parent)
     finally:
         running.kill()
