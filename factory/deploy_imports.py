@@ -32,12 +32,12 @@ def ova_members(ova: Path) -> list[str]:
 
 def import_commands(folder: Path, loaded: LoadedProfile) -> list[ImportSteps]:
     """The commands that import this delivery on vSphere and Proxmox VE, named after the
-    delivery's own files (its OVA, and the OVF inside it). None when it has no OVA."""
+    delivery's own files: its OVA, and the OVF inside it (NAME.ovf, as factory writes it, while
+    the OVA is not there)."""
     name = loaded.name
     ova = Delivery(Path(folder), name).ova
-    if not ova.is_file():
-        return []
-    (ovf,) = [member for member in ova_members(ova) if member.endswith(".ovf")]
+    members = ova_members(ova) if ova.is_file() else [f"{name}.ovf"]
+    (ovf,) = [member for member in members if member.endswith(".ovf")]
     proxmox_cpu = PROXMOX_CPU_TYPES[loaded.profile.cpu_baseline]
     vsphere = [
         "# govc reads the vCenter from GOVC_URL, GOVC_USERNAME and GOVC_PASSWORD",
