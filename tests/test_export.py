@@ -546,5 +546,5 @@ def test_build_rejects_a_bad_format_before_building(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: --format 'ova,zip': unknown format 'zip'; use a comma-separated list of: "
-        "ova, vagrant-libvirt, vagrant-virtualbox"
+        "ova, vagrant-libvirt, vagrant-virtualbox, oci"
     ]
