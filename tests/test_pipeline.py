@@ -21,7 +21,7 @@ def test_help_lists_the_pipeline_in_order_then_the_tools():
     text = run_factory("--help", check=True).stdout
     pipeline, tools = text.split("Pipeline, in order:")[1].split("Tools:")
     listed = re.findall(r"^  (\S+)", pipeline, flags=re.MULTILINE)
-    assert listed == ["lock", "bundle", "base", "render", "build", "export", "validate"]
+    assert listed == ["lock", "bundle", "base", "render", "build", "export", "validate", "deploy"]
     assert {"credentials", "diff", "doctor", "new", "release", "schema"} <= set(tools.split())
 
 
