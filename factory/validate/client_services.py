@@ -4,7 +4,6 @@ starts it again when it dies."""
 
 from __future__ import annotations
 
-import re
 import time
 
 from factory.image_layout import SERVICES_CONFIG_DIR, TLS_CERTIFICATE
@@ -18,11 +17,11 @@ from factory.validate.context import (
     result,
     unit_user,
 )
+from factory.validate.firewall import LOOPBACK, tcp_listeners
 from factory.validate.https import certificate_name
 from factory.validate.web import tls_context
 
 GROUP = "client-services"
-_LOOPBACK = re.compile(r"^(127\.|\[::1\]|\[::ffff:127\.)")
 
 
 def health_through_nginx(ctx: CheckContext, service: Service) -> tuple[bool, str]:
@@ -44,15 +43,6 @@ def health_through_nginx(ctx: CheckContext, service: Service) -> tuple[bool, str
         f"curl -sk -o /dev/null -m 20 -w '%{{http_code}}' {quote('https://127.0.0.1' + path)}"
     ).stdout.strip()
     return status == "200", f"https://127.0.0.1{path} answered {status or 'nothing'}"
-
-
-def _listening_addresses(ctx: CheckContext, port: int) -> list[str]:
-    addresses = []
-    for line in ctx.target.run("ss -Htln").stdout.splitlines():
-        address, _, listened = line.split()[3].rpartition(":")
-        if listened == str(port):
-            addresses.append(address)
-    return addresses
 
 
 def _main_pid(ctx: CheckContext, unit: str) -> str:
@@ -98,11 +88,11 @@ def check_service(ctx: CheckContext, service: Service) -> list[CheckResult]:
             GROUP,
         )
     )
-    addresses = _listening_addresses(ctx, service.port)
+    addresses = [address for address, port in tcp_listeners(ctx) if port == service.port]
     results.append(
         result(
             f"{service.name}: port {service.port} reachable only through nginx",
-            bool(addresses) and all(_LOOPBACK.match(a) for a in addresses),
+            bool(addresses) and all(LOOPBACK.match(a) for a in addresses),
             f"listens on {', '.join(addresses) or 'nothing'}",
             GROUP,
         )

@@ -10,6 +10,16 @@ import time
 from factory.validate.context import FAILED, CheckContext, CheckResult, result
 
 GROUP = "firewall"
+LOOPBACK = re.compile(r"^(127\.|\[::1\]|\[::ffff:127\.)")
+
+
+def tcp_listeners(ctx: CheckContext) -> list[tuple[str, int]]:
+    """(local address, port) of every listening TCP socket, as `ss -Htln` shows them."""
+    listeners = []
+    for line in ctx.target.run("ss -Htln").stdout.splitlines():
+        address, _, port = line.split()[3].rpartition(":")
+        listeners.append((address, int(port)))
+    return listeners
 
 
 def accepted_tcp_ports(ruleset: dict) -> tuple[str | None, set[int]]:
@@ -50,12 +60,7 @@ def check_firewall(ctx: CheckContext) -> list[CheckResult]:
                 GROUP,
             )
         )
-    listening = set()
-    for line in ctx.target.run("ss -Htln").stdout.splitlines():
-        local = line.split()[3]
-        address, _, port = local.rpartition(":")
-        if not re.match(r"^(127\.|\[::1\]|\[::ffff:127\.)", address):
-            listening.add(int(port))
+    listening = {port for address, port in tcp_listeners(ctx) if not LOOPBACK.match(address)}
     expected = {22} | ({80, 443} if profile.jupyter.enabled else set())
     expected |= {9100} if profile.monitoring.enabled else set()
     unexpected, missing = listening - wanted, expected - listening
