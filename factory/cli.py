@@ -310,18 +310,11 @@ def validate(
     --host and DELIVERY, the live machine is checked against that delivery: its profile, its
     locks, and its SBOM (packages added, removed or changed since, listeners not delivered)."""
     from factory.progress import plain_log
-    from factory.validate import SUITES, validate_delivery, validate_host
+    from factory.validate import validate_delivery, validate_host
+    from factory.validate.suites import parse_groups
 
     started = time.monotonic()
-    groups = SUITES
-    if only:
-        groups = tuple(g.strip() for g in only.split(",") if g.strip())
-        unknown = sorted(set(groups) - set(SUITES))
-        if unknown or not groups:
-            raise FactoryError(
-                f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; "
-                f"use some of {', '.join(SUITES)}"
-            )
+    groups = parse_groups(only)
     if container and (address or delivery is None):
         raise click.UsageError(
             "--container checks a delivery's container image: give the delivery folder "

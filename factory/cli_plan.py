@@ -29,15 +29,29 @@ from factory.plan_formats import FORMATS
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the plan to this file instead of standard output.",
 )
-def plan(profiles: tuple[Path, ...], plan_format: str, outputs: Path, output_file: Path | None):
+@click.option(
+    "--only",
+    help="Each job validates only these groups of checks (comma-separated, as `factory "
+    "validate --only`), e.g. a quick plan for every change; a delivery validated with fewer "
+    "groups is not skipped as current. Default: every group.",
+)
+def plan(
+    profiles: tuple[Path, ...],
+    plan_format: str,
+    outputs: Path,
+    output_file: Path | None,
+    only: str | None,
+):
     """Plan one job per profile, each building then validating it, for GitHub Actions,
     GitLab CI, Argo Workflows or Slurm: what each job needs (KVM, GPU, memory, disk), its
     commands, and which of its layers the cache holds. Builds nothing."""
     from factory.files import write_text_atomically
     from factory.plan import plan_profiles
     from factory.plan_formats import render_plan
+    from factory.validate.suites import parse_groups, partial
 
-    data = plan_profiles(list(profiles), outputs, plan_format)
+    validate_only = partial(parse_groups(only)) if only is not None else None
+    data = plan_profiles(list(profiles), outputs, plan_format, validate_only)
     text = render_plan(data, plan_format)
     if output_file is None:
         click.echo(text, nl=False)

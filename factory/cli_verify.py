@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, OptionError
 
 
 @click.command()
@@ -49,7 +49,14 @@ def keygen(path: Path, name: str) -> None:
     help="Also check the delivery is current for this profile: built from the layers it "
     "makes now, and validated as this OVA (a scheduler's rerun skips it then).",
 )
-def verify(delivery: Path, trusted_file: Path | None, profile_path: Path | None) -> None:
+@click.option(
+    "--only",
+    help="With --profile: the groups of checks (comma-separated, as `factory validate --only`) "
+    "its validation must have run. Default: all of them.",
+)
+def verify(
+    delivery: Path, trusted_file: Path | None, profile_path: Path | None, only: str | None
+) -> None:
     """Check a delivery offline: SHA256SUMS, its signature, and the OVA's manifest and
     signature."""
     from cryptography import x509
@@ -66,9 +73,16 @@ def verify(delivery: Path, trusted_file: Path | None, profile_path: Path | None)
             raise FactoryError(
                 f"--certificate {trusted_file}: not a readable PEM certificate ({error})"
             ) from None
+    groups = None
+    if only is not None:
+        from factory.validate.suites import parse_groups
+
+        if profile_path is None:
+            raise OptionError("--only says what the validation must cover: give --profile too")
+        groups = parse_groups(only)
     findings = verify_delivery(delivery, trusted)
     if profile_path is not None:
-        findings += current_for(delivery, profile_path)
+        findings += current_for(delivery, profile_path, groups)
     for finding in findings:
         click.echo(f"{'ok' if finding.ok else 'FAILED':8} {finding.name}: {finding.detail}")
     failed = list(dict.fromkeys(f.name for f in findings if not f.ok))

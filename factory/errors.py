@@ -27,6 +27,12 @@ class ProfileError(FactoryError):
     exit_code = ExitCode.BAD_INPUT
 
 
+class OptionError(FactoryError):
+    """An option's value on the command line is not one factory knows."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
 class ConflictError(FactoryError):
     """The environments do not resolve, or what they resolve to cannot run on the target (its
     CUDA, its CPU level). The message is one line; `details` is the whole story."""

@@ -35,9 +35,15 @@ class PlanError(FactoryError):
 # --------------------------------------------------------------------------- the plan (data)
 
 
-def plan_profiles(profiles: list[Path], outputs: Path, plan_format: str = "json") -> dict:
+def plan_profiles(
+    profiles: list[Path],
+    outputs: Path,
+    plan_format: str = "json",
+    validate_only: list[str] | None = None,
+) -> dict:
     """The plan as its JSON document. Every profile is read (and the format's limits checked)
-    before any layer is looked up, so a bad profile fails at once."""
+    before any layer is looked up, so a bad profile fails at once. `validate_only` names the
+    groups of checks each job validates (None: all of them)."""
     from factory.pipeline import BuildOptions, explain_build
     from factory.profile import load_profile
 
@@ -63,15 +69,23 @@ def plan_profiles(profiles: list[Path], outputs: Path, plan_format: str = "json"
                 "cached": all(layer["hit"] for layer in layers),
                 "layers": layers,
                 "needs": need,
-                "commands": job_commands(shown, profile.name, str(outputs)),
+                "commands": job_commands(shown, profile.name, str(outputs), validate_only),
                 # Exit 0: the delivery there is current and validated; skip the job.
-                "skip_when": ["factory", "verify", f"{outputs}/{profile.name}", "--profile", shown],
+                "skip_when": [
+                    "factory",
+                    "verify",
+                    f"{outputs}/{profile.name}",
+                    "--profile",
+                    shown,
+                    *only_arguments(validate_only),
+                ],  # fmt: skip
             }
         )
     return {
         "plan": PLAN_VERSION,
         "factory": __version__,
         "outputs": str(outputs),
+        "validate_only": validate_only,
         "retry_exit_codes": [int(code) for code in RETRY_EXIT_CODES],
         "exit_codes": {code.name.lower(): int(code) for code in ExitCode},
         "jobs": jobs,
@@ -99,11 +113,18 @@ def job_needs(loaded: LoadedProfile) -> dict:
     }
 
 
-def job_commands(profile: str, name: str, outputs: str) -> list[list[str]]:
+def job_commands(
+    profile: str, name: str, outputs: str, validate_only: list[str] | None = None
+) -> list[list[str]]:
     return [
         ["factory", "build", profile, "--outputs", outputs],
-        ["factory", "validate", f"{outputs}/{name}"],
+        ["factory", "validate", f"{outputs}/{name}", *only_arguments(validate_only)],
     ]
+
+
+def only_arguments(validate_only: list[str] | None) -> list[str]:
+    """`--only GROUPS` for a plan that validates some groups of checks, else nothing."""
+    return ["--only", ",".join(validate_only)] if validate_only else []
 
 
 def _shown_path(path: Path) -> str:

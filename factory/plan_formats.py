@@ -10,7 +10,7 @@ from collections.abc import Callable
 import yaml
 
 from factory.errors import ExitCode
-from factory.plan import RETRY_EXIT_CODES, PlanError, _one_kind_of_node
+from factory.plan import RETRY_EXIT_CODES, PlanError, _one_kind_of_node, only_arguments
 
 # Kubernetes stops a pod with SIGTERM when it drains a node or takes a spot node back; factory
 # then exits 130 having published nothing, and Argo runs the job again on another node.
@@ -132,7 +132,7 @@ def render_github_actions(plan: dict) -> str:
                     },
                     {
                         "name": "Validate",
-                        "run": _retry_in_place('factory validate "$OUTPUTS/$NAME"'),
+                        "run": _retry_in_place(f'factory validate "$OUTPUTS/$NAME"{_only(plan)}'),
                     },
                     {
                         "name": "Upload the delivery",
@@ -171,7 +171,7 @@ def render_gitlab_ci(plan: dict) -> str:
             "before_script": ["make setup", 'export PATH="$PWD/.venv/bin:$PATH"'],
             "script": [
                 'factory build "$PROFILE" --outputs "$OUTPUTS"',
-                'factory validate "$OUTPUTS/$NAME"',
+                f'factory validate "$OUTPUTS/$NAME"{_only(plan)}',
             ],
             "retry": {"max": RETRIES, "exit_codes": [int(code) for code in RETRY_EXIT_CODES]},
             "artifacts": {"name": "$NAME", "paths": ["$OUTPUTS/$NAME/"], "when": "on_success"},
@@ -179,14 +179,20 @@ def render_gitlab_ci(plan: dict) -> str:
     return _header(plan, "gitlab-ci") + _yaml(document)
 
 
-def _hand_on_script(attempt: str) -> str:
+def _only(plan: dict) -> str:
+    """` --only GROUPS` where the plan validates some groups of checks (shell words)."""
+    return "".join(f" {shlex.quote(word)}" for word in only_arguments(plan.get("validate_only")))
+
+
+def _hand_on_script(attempt: str, only: str = "") -> str:
     """Shell for a scheduler that runs a job again from the start: each try builds into a
     folder of its own inside the outputs folder, and the delivery moves to OUTPUTS/NAME by
     one rename only once it passed validation. A retry never meets a half-made delivery."""
     return (
         "# A delivery already handed on, built from the layers this profile makes now and\n"
         "# validated as it is, is a cache hit: nothing to build (`factory verify --profile`).\n"
-        'if [ -e "$OUTPUTS/$NAME" ] && factory verify "$OUTPUTS/$NAME" --profile "$PROFILE"; then\n'
+        'if [ -e "$OUTPUTS/$NAME" ] &&\n'
+        f'  factory verify "$OUTPUTS/$NAME" --profile "$PROFILE"{only}; then\n'
         '  echo "$NAME: cache hit: $OUTPUTS/$NAME is current and validated; skipped"\n'
         "  exit 0\n"
         "fi\n"
@@ -195,7 +201,7 @@ def _hand_on_script(attempt: str) -> str:
         "status=0\n"
         'factory build "$PROFILE" --outputs "$attempt" || status=$?\n'
         'if [ "$status" -eq 0 ]; then\n'
-        '  factory validate "$attempt/$NAME" || status=$?\n'
+        f'  factory validate "$attempt/$NAME"{only} || status=$?\n'
         "fi\n"
     )
 
@@ -258,7 +264,7 @@ def render_argo(plan: dict) -> str:
             "image": "{{workflow.parameters.image}}",
             "workingDir": "/src",
             "command": ["bash", "-c"],
-            "args": [_hand_on_script("$OUTPUTS/.attempt-$POD_NAME") + _HAND_ON],
+            "args": [_hand_on_script("$OUTPUTS/.attempt-$POD_NAME", _only(plan)) + _HAND_ON],
             "env": [
                 {"name": "PROFILE", "value": "{{inputs.parameters.profile}}"},
                 {"name": "NAME", "value": "{{inputs.parameters.name}}"},
@@ -349,7 +355,9 @@ def render_slurm(plan: dict) -> str:
         'TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/factory-${SLURM_ARRAY_JOB_ID:-0}_$task.XXXXXX")"\n'
         "export TMPDIR\n"
         "trap 'rm -rf \"$TMPDIR\"' EXIT\n"
-        + _hand_on_script("$OUTPUTS/.attempt-${SLURM_ARRAY_JOB_ID}_$task.${SLURM_RESTART_COUNT:-0}")
+        + _hand_on_script(
+            "$OUTPUTS/.attempt-${SLURM_ARRAY_JOB_ID}_$task.${SLURM_RESTART_COUNT:-0}", _only(plan)
+        )
         + "\n# Another node may have what this one lacks: requeue (Slurm counts the restarts).\n"
         + f'case "$status" in {codes})\n'
         f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {RETRIES} ]; then\n'

@@ -212,8 +212,11 @@ def _ova_signature(
     return Finding(name, True, f"the manifest is signed by {subject_name(signed)!r}")
 
 
-def current_for(folder: Path, profile: Path) -> list[Finding]:
-    """The delivery against what `profile` makes now: its layers, and its validation."""
+def current_for(
+    folder: Path, profile: Path, groups: tuple[str, ...] | None = None
+) -> list[Finding]:
+    """The delivery against what `profile` makes now: its layers, and its validation, which
+    must cover `groups` of checks (all of them by default)."""
     from factory.layers import chain_keys
     from factory.pipeline import BuildOptions, explain_build
     from factory.profile import load_profile
@@ -227,7 +230,7 @@ def current_for(folder: Path, profile: Path) -> list[Finding]:
         statuses = explain_build(loaded, BuildOptions(outputs=folder.parent))
         now = chain_keys([status.layer for status in statuses])
         findings = [_layers_finding(recorded, now, profile)]
-    return findings + [_validation_finding(folder)]
+    return findings + [_validation_finding(folder, groups)]
 
 
 def _json_in(path: Path) -> dict | None:
@@ -255,8 +258,9 @@ def _layers_finding(recorded: list[dict], now: list[dict], profile: Path) -> Fin
     )
 
 
-def _validation_finding(folder: Path) -> Finding:
-    """report.json passed, for the OVA that SHA256SUMS lists (its own finding checks the file)."""
+def _validation_finding(folder: Path, groups: tuple[str, ...] | None = None) -> Finding:
+    """report.json passed, for the OVA that SHA256SUMS lists (its own finding checks the file),
+    and covered `groups` (None: every group)."""
     report = _json_in(folder / "report.json")
     if report is None:
         return Finding("report.json", False, "missing: run `factory validate` on the delivery")
@@ -272,7 +276,30 @@ def _validation_finding(folder: Path) -> Finding:
     if not ova or listed.get(ova.get("name")) != ova.get("sha256"):
         detail = "is for another OVA than SHA256SUMS lists: validate this one"
         return Finding("report.json", False, detail)
+    checked = (report.get("subject") or {}).get("only")  # None: every group
+    missing = _uncovered(checked, groups)
+    if missing:
+        return Finding(
+            "report.json",
+            False,
+            f"validated only for {', '.join(checked)}, not for {', '.join(missing)}: "
+            "run `factory validate` with those groups",
+        )
     passed = report["summary"].get("passed", 0)
+    scope = f" (only {', '.join(checked)})" if checked else ""
     return Finding(
-        "report.json", True, f"{ova['name']} passed {passed} checks on {report.get('created')}"
+        "report.json",
+        True,
+        f"{ova['name']} passed {passed} checks{scope} on {report.get('created')}",
     )
+
+
+def _uncovered(checked: list[str] | None, wanted: tuple[str, ...] | None) -> list[str]:
+    """The wanted groups a validation of `checked` groups (None: all) did not run."""
+    if checked is None:
+        return []
+    if wanted is None:
+        from factory.validate.suites import SUITES
+
+        wanted = SUITES
+    return [group for group in wanted if group not in checked]

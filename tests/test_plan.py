@@ -454,6 +454,21 @@ def test_slurm_task_skips_a_current_delivery_and_never_replaces_one(plans, tmp_p
     assert (outputs / ".attempt-5_0.0" / name / "SHA256SUMS").is_file()  # kept, not lost
 
 
+def test_a_plan_that_validates_some_groups_says_so_in_every_command(demo_channel, tmp_path):
+    """`--only`: each job validates those groups, and only a delivery validated for them at
+    least is skipped as current (factory verify --only)."""
+    data = json.loads(run_factory("plan", DEMO, "--only", "lock,env", check=True).stdout)
+    assert data["validate_only"] == ["env", "lock"]
+    job = data["jobs"][0]
+    assert job["commands"][1][-2:] == job["skip_when"][-2:] == ["--only", "env,lock"]
+    script = tmp_path / "plan.sh"
+    run_factory("plan", DEMO, "--only", "env,lock", "--format", "slurm", "-o", str(script),
+                check=True)  # fmt: skip
+    text = script.read_text()
+    assert 'factory validate "$attempt/$NAME" --only env,lock ||' in text
+    assert 'factory verify "$OUTPUTS/$NAME" --profile "$PROFILE" --only env,lock;' in text
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -471,6 +486,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         "missing profile": (["plan", "profiles/nope.yaml"], "profiles/nope.yaml"),
         "unknown format": (["plan", DEMO, "--format", "jenkins"], "jenkins"),
         "same delivery twice": (["plan", DEMO, DEMO], "both make the delivery demo_hello_v1"),
+        "unknown check group": (
+            ["plan", DEMO, "--only", "env,nope"],
+            "--only: unknown group(s) nope",
+        ),
         "gpu and plain in one slurm array": (
             ["plan", DEMO, GPU_DEMO, "--format", "slurm"],
             "demo_hello_gpu_v1 is a GPU image and demo_hello_v1 is not",

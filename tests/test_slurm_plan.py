@@ -1,13 +1,15 @@
 """A plan run by a real scheduler: `factory plan --format slurm` for two profiles, submitted to
 a one-node Slurm cluster (tests/slurm_cluster.py). Both jobs build and validate through one
-shared layer cache; submitted again, both skip as cache hits (`factory verify --profile`,
-tested on its own in test_provenance.py).
+shared layer cache, validating the groups the plan names (`--only env,lock`); submitted again,
+both skip as cache hits (`factory verify --profile --only`, tested on its own in
+test_provenance.py and test_verify_scope.py).
 
 It shares the demo's layers through the cache, not the demo_delivery fixture, so it may run in
 either worker: one that needs a layer the other is making waits for it (layers.py's lock)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +23,10 @@ from pathlib import Path
 from tests.conftest import FACTORY, demo_variant
 from tests.slurm_cluster import slurm_cluster
 from tests.test_layered_build import layer_lines
+
+# The environments and their locks: what the shared layer changes. The demo's own validation
+# runs every group (test_e2e.py); here the plan's jobs validate these.
+VALIDATED = "env,lock"
 
 
 def test_slurm_runs_the_plan_through_one_cache_and_a_rerun_skips_both(
@@ -48,7 +54,7 @@ def test_slurm_runs_the_plan_through_one_cache_and_a_rerun_skips_both(
     demo_variant(work, version_2, "demo-v2.yaml")
     planned = subprocess.run(
         [*FACTORY, "plan", "demo.yaml", "demo-v2.yaml", "--format", "slurm",
-         "--outputs", "out", "--output", "plan.sh"],
+         "--outputs", "out", "--output", "plan.sh", "--only", VALIDATED],
         cwd=work, capture_output=True, text=True,
     )  # fmt: skip
     assert planned.returncode == 0, planned.stdout + planned.stderr
@@ -79,7 +85,8 @@ def test_slurm_runs_the_plan_through_one_cache_and_a_rerun_skips_both(
     for name in ("demo_hello_v1", "demo_hello_v2"):
         delivery = work / "out" / name
         assert (delivery / f"{name}.ova").is_file()
-        assert '"failed": 0' in (delivery / "report.json").read_text()
+        report = json.loads((delivery / "report.json").read_text())
+        assert report["summary"]["failed"] == 0 and report["subject"]["only"] == ["env", "lock"]
     assert not list((work / "out").glob(".attempt-*")), "an attempt folder was left"
 
     # One cache for both: the new environment's layer was built once, by one task.

@@ -24,7 +24,7 @@ from factory.validate.context import FAILED, PASSED, CheckContext, CheckResult
 from factory.validate.importer import check_importer, served_ports
 from factory.validate.recording import Recording, RecordingTarget, recording_path
 from factory.validate.report import write_reports
-from factory.validate.suites import SUITES, run_all_checks
+from factory.validate.suites import SUITES, partial, run_all_checks
 from factory.validate.target import LocalTarget, Target, connect
 
 LOCAL_HOST = "local"
@@ -150,6 +150,8 @@ def validate_delivery(
         },
         "profile": str(loaded.path),
     }
+    if groups := partial(only):
+        subject["only"] = groups  # `factory verify --profile` tells a partial validation apart
     reports = write_reports(results, report_dir or delivery, subject)
     _write_exports(results, report_dir or delivery)
     return ValidationOutcome(results, reports, boot_seconds)

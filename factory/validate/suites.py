@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from factory.errors import OptionError
 from factory.resolve import image_environments
 from factory.validate import (
     audit,
@@ -50,6 +51,27 @@ SUITES = (
     "snapshots",
     "gpu",
 )
+
+
+def parse_groups(only: str | None, option: str = "--only") -> tuple[str, ...]:
+    """The groups a comma-separated `--only` names, in SUITES order; all of them for None."""
+    if only is None:
+        return SUITES
+    groups = {g.strip() for g in only.split(",") if g.strip()}
+    unknown = sorted(groups - set(SUITES))
+    if unknown or not groups:
+        raise OptionError(
+            f"{option}: unknown group(s) {', '.join(unknown) or '(none given)'}; "
+            f"use some of {', '.join(SUITES)}"
+        )
+    return tuple(g for g in SUITES if g in groups)
+
+
+def partial(groups: Iterable[str]) -> list[str] | None:
+    """The groups as a report records them: None when they are all of SUITES."""
+    chosen = [g for g in SUITES if g in set(groups)]
+    return None if chosen == list(SUITES) else chosen
+
 
 Check = Callable[[CheckContext], list[CheckResult]]
 # After the per-environment and per-lock suites, in this order ("importer" boots its own VM
