@@ -147,7 +147,7 @@ def deploy_to_libvirt(
     accel = kvm.choose_accelerator(accelerator)
     cpu = validation_cpu(profile.cpu_baseline, accel)
     size = host.local_vm_size(profile.resources.cpus, profile.resources.memory)
-    disk = pool_folder(uri) / f"{name}.qcow2"
+    disk = pool_folder(uri, log) / f"{name}.qcow2"
     if disk.exists():
         raise AlreadyDeployed(f"{disk} exists already; remove it or give another --name")
     deployment = Deployment(name, str(opened.delivery.path), disk, log_dir / f"{name}-console.log")

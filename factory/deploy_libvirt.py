@@ -8,6 +8,7 @@ import re
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -102,19 +103,33 @@ def check_network(uri: str) -> None:
         )
 
 
-def pool_folder(uri: str) -> Path:
-    """The folder of libvirt's default storage pool, where deployed disks go."""
+def pool_folder(uri: str, log: Callable[[str], None] = print) -> Path:
+    """The folder of libvirt's default storage pool, where deployed disks go. A fresh libvirt
+    has none until a tool makes it (virt-manager and vagrant-libvirt do): make it as they do."""
     result = virsh(uri, "pool-dumpxml", POOL, check=False)
     if result.returncode != 0:
-        raise InfrastructureError(
-            f"libvirt has no '{POOL}' storage pool at {uri}; make it: `virsh -c {uri} "
-            f"pool-define-as {POOL} dir --target /var/lib/libvirt/images && virsh -c {uri} "
-            f"pool-build {POOL} && virsh -c {uri} pool-start {POOL}`"
-        )
+        folder = default_pool_target(uri)
+        log(f"libvirt has no '{POOL}' storage pool at {uri}: making it in {folder}")
+        for args in (
+            ("pool-define-as", POOL, "dir", "--target", str(folder)),
+            ("pool-build", POOL),
+            ("pool-start", POOL),
+            ("pool-autostart", POOL),
+        ):
+            virsh(uri, *args)
+        result = virsh(uri, "pool-dumpxml", POOL)
     path = ET.fromstring(result.stdout).findtext("target/path")
     if not path:
         raise InfrastructureError(f"libvirt's '{POOL}' pool at {uri} is not a folder pool")
     return Path(path)
+
+
+def default_pool_target(uri: str) -> Path:
+    """Where libvirt's own tools put the default pool: the system's images folder, or the
+    user's for a session URI."""
+    if uri.endswith("/session"):
+        return Path.home() / ".local/share/libvirt/images"
+    return Path("/var/lib/libvirt/images")
 
 
 def domain_exists(uri: str, name: str) -> bool:

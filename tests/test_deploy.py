@@ -58,9 +58,14 @@ def test_deploy_boots_the_delivery_on_libvirt_and_destroy_removes_it(demo_delive
     before = qcow2.stat()
     deploy = ["deploy", str(demo_delivery), "--to", "libvirt", "--name", name]
     with libvirt_running():
+        pool_was_there = bool(virsh("pool-info", "default"))
         try:
             result = run_factory(*deploy, timeout=DEPLOY_TIMEOUT)
             assert result.returncode == 0, result.stdout + result.stderr
+            # A fresh libvirt (CI's) has no default pool: deploy makes it, and says so.
+            made_pool = "libvirt has no 'default' storage pool" in result.stderr
+            assert made_pool is not pool_was_there, result.stderr
+            assert virsh("pool-info", "default")
             assert "booting:" in result.stderr, "no progress lines while it booted"
             assert virsh("domstate", name).strip() == "running"
             address = printed(result.stdout, "address")
