@@ -50,8 +50,7 @@ def plan(
     from factory.plan_formats import render_plan
     from factory.validate.suites import parse_groups, partial
 
-    validate_only = partial(parse_groups(only)) if only is not None else None
-    data = plan_profiles(list(profiles), outputs, plan_format, validate_only)
+    data = plan_profiles(list(profiles), outputs, plan_format, partial(parse_groups(only)))
     text = render_plan(data, plan_format)
     if output_file is None:
         click.echo(text, nl=False)

@@ -78,7 +78,7 @@ def plan_profiles(
                     "--profile",
                     shown,
                     *only_arguments(validate_only),
-                ],  # fmt: skip
+                ],
             }
         )
     return {

@@ -53,7 +53,7 @@ SUITES = (
 )
 
 
-def parse_groups(only: str | None, option: str = "--only") -> tuple[str, ...]:
+def parse_groups(only: str | None) -> tuple[str, ...]:
     """The groups a comma-separated `--only` names, in SUITES order; all of them for None."""
     if only is None:
         return SUITES
@@ -61,7 +61,7 @@ def parse_groups(only: str | None, option: str = "--only") -> tuple[str, ...]:
     unknown = sorted(groups - set(SUITES))
     if unknown or not groups:
         raise OptionError(
-            f"{option}: unknown group(s) {', '.join(unknown) or '(none given)'}; "
+            f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; "
             f"use some of {', '.join(SUITES)}"
         )
     return tuple(g for g in SUITES if g in groups)
