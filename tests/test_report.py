@@ -29,3 +29,12 @@ def test_control_characters_in_a_detail_do_not_break_any_report(tmp_path):
     for path in paths:
         text = path.read_text()
         assert "\x1b" not in text and "\x00" not in text
+
+
+def test_the_html_report_says_when_only_some_groups_ran(tmp_path):
+    results = [CheckResult("env: numpy imports", PASSED, "ok", group="env")]
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    write_reports(results, full, {"name": "demo_hello_v1", "target": "test"})
+    write_reports(results, partial, {"name": "demo_hello_v1", "target": "test", "only": ["env"]})
+    assert "were checked" not in (full / "report.html").read_text()
+    assert "Only the groups env were checked" in (partial / "report.html").read_text()
