@@ -52,6 +52,7 @@ _CLIENT_SCRIPTS = (
     "45-services.sh",
     "47-snapshots.sh",
     "50-client-files.sh",
+    "55-retention-updates.sh",
     "60-admin.sh",
 )
 
@@ -100,17 +101,13 @@ def _lock_identity(env_dir: Path) -> str:
     return hashlib.sha256(json.dumps([conda, pip]).encode()).hexdigest()
 
 
-def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path, system_gib: int) -> list[Layer]:
-    """The chain of layers for a rendered and bundled build folder, root first; `system_gib`
-    is system_disk_gib(), the disk the build folder was rendered for."""
+def system_inputs(loaded: LoadedProfile, build_dir: Path, system_gib: int) -> dict[str, str]:
+    """What the system layer is keyed by: the template, the guest stages and the settings and
+    payload files they read; not the delivery's name, its environments or its client layer."""
     payload, provisioners = build_dir / "payload", build_dir / "provisioners"
-    profile = loaded.profile
-    host_code = _fingerprint(assemble)
-    base = Layer("base", {"image": base_image.name}, image=base_image)
-
     guest = [provisioners / n for n in GUEST_SCRIPTS if (provisioners / n).is_file()]
     guest.append(payload / "seal.sh")
-    system_inputs = {
+    inputs = {
         "template": digest_files([build_dir / "image.pkr.hcl"]),
         "scripts": digest_files(guest),
         "settings": json.dumps(_guest_settings(build_dir, guest), sort_keys=True),
@@ -119,12 +116,22 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path, system_gib: i
             [p for n in GUEST_PAYLOAD_FILES if n != "settings.sh" and (p := payload / n).is_file()]
         ),
         "disk_gib": str(system_gib),
-        "host_code": host_code,
+        "host_code": _fingerprint(assemble),
     }
-    if not isinstance(profile.base, str):
+    if not isinstance(loaded.profile.base, str):
         # A cloud image is patched when the system layer is made: once a day at most.
-        system_inputs["security_day"] = datetime.now(UTC).date().isoformat()
-    system = Layer("system", system_inputs, base)
+        inputs["security_day"] = datetime.now(UTC).date().isoformat()
+    return inputs
+
+
+def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path, system_gib: int) -> list[Layer]:
+    """The chain of layers for a rendered and bundled build folder, root first; `system_gib`
+    is system_disk_gib(), the disk the build folder was rendered for."""
+    payload, provisioners = build_dir / "payload", build_dir / "provisioners"
+    profile = loaded.profile
+    host_code = _fingerprint(assemble)
+    base = Layer("base", {"image": base_image.name}, image=base_image)
+    system = Layer("system", system_inputs(loaded, build_dir, system_gib), base)
 
     conda_files = [provisioners / CONDA_SCRIPT, payload / "install_env.py", payload / "factory-env"]
     conda_files += sorted((payload / "installer").glob("*.whl"))

@@ -39,6 +39,7 @@ HOST_SCRIPTS = [
     "45-services.sh",
     "47-snapshots.sh",
     "50-client-files.sh",
+    "55-retention-updates.sh",
     "60-admin.sh",
 ]
 JUPYTER_STAGES = ["30-jupyter.sh", "40-jupyter-client.sh", "45-services.sh", "50-client-files.sh"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage: system hardening. Firewall, audit, persistent journal, automatic updates.
+# Stage: system hardening. Firewall and audit; the journal's retention and automatic updates
+# are the client layer's (55-retention-updates.sh).
 set -euo pipefail
 # shellcheck source=/dev/null
 . "$FACTORY_PAYLOAD/settings.sh"
@@ -80,33 +81,12 @@ sed -i -e "s/^max_log_file_action = .*/max_log_file_action = KEEP_LOGS/" \
     -e "s/^disk_error_action = .*/disk_error_action = SYSLOG/" /etc/audit/auditd.conf
 systemctl enable auditd.service
 
-# journald: persistent, kept for the retention period. Its size caps are explicit (a quarter of
-# the root file system, keeping 10% free) so that the default 4 GiB cap does not cut it short.
-root_mib=$(df --output=size -BM / | tail -1 | tr -dc 0-9)
-install -d -m 755 /etc/systemd/journald.conf.d
-cat > /etc/systemd/journald.conf.d/50-factory.conf <<CONF
-# Installed by factory: logins, sudo and service logs survive reboots for the review period.
-[Journal]
-Storage=persistent
-MaxRetentionSec=${AUDIT_RETENTION_DAYS}day
-SystemMaxUse=$(( root_mib / 4 ))M
-SystemKeepFree=$(( root_mib / 10 ))M
-CONF
-install -d -m 2755 -g systemd-journal /var/log/journal
-
-# Automatic security updates: on or off as the profile says (always off when air-gapped).
-if [ "$UNATTENDED_UPGRADES" = 1 ]; then
-    value=1
-else
-    value=0
-fi
+# Automatic updates stay off while the image is built, so that no apt run holds the package
+# lock under a later stage; the client layer (55-retention-updates.sh) turns them on when the
+# profile asks.
 cat > /etc/apt/apt.conf.d/20auto-upgrades <<CONF
-// Installed by factory: automatic security updates are $([ "$value" = 1 ] && echo on || echo off).
-APT::Periodic::Update-Package-Lists "$value";
-APT::Periodic::Unattended-Upgrade "$value";
+// Installed by factory: automatic security updates are off.
+APT::Periodic::Update-Package-Lists "0";
+APT::Periodic::Unattended-Upgrade "0";
 CONF
-if [ "$value" = 1 ]; then
-    systemctl enable apt-daily.timer apt-daily-upgrade.timer
-else
-    systemctl disable apt-daily.timer apt-daily-upgrade.timer 2>/dev/null || true
-fi
+systemctl disable apt-daily.timer apt-daily-upgrade.timer 2>/dev/null || true

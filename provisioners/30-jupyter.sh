@@ -88,9 +88,6 @@ server {
 NGINX
 ln -sf /etc/nginx/sites-available/jupyter /etc/nginx/sites-enabled/jupyter
 install -d -m 755 "$FACTORY_NGINX_SERVICES_DIR"
-# Access logs are kept as long as the audit logs.
-sed -i -e "s/^\trotate .*/\trotate ${AUDIT_RETENTION_DAYS}/" -e "s/^\tweekly/\tdaily/" \
-    /etc/logrotate.d/nginx
 install -d -m 755 /etc/systemd/system/nginx.service.d
 cat > /etc/systemd/system/nginx.service.d/50-factory.conf <<'UNIT'
 # The certificate is made on first boot.

@@ -16,6 +16,7 @@ from hcl2 import SerializationOptions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from factory.chain import system_inputs
 from factory.escape import cloud_config, hcl_string, shell_assignments
 from factory.keys import ephemeral_keypair
 from factory.profile import load_profile
@@ -43,6 +44,20 @@ def render_demo(tmp_path: Path, profile: Path = DEMO_PROFILE, packer_version=(1,
             packer_version=packer_version,
         )
         return render_build_dir(loaded, inputs, tmp_path / "build")
+
+
+def test_profiles_that_differ_only_in_policy_share_one_system_layer(tmp_path):
+    """Log retention and automatic updates are set in the client layer: the demo, the bank and
+    the maintenance profile (another preset: 180 days, updates on) key one system layer; the
+    hospital's GPU driver makes its own."""
+    names = ["demo", "bank_credit_risk_v2", "factory_predictive_maintenance_v1"]
+    keyed = {}
+    for name in [*names, "hospital_lung_nodule_v1"]:
+        path = REPO / "profiles" / f"{name}.yaml"
+        keyed[name] = system_inputs(load_profile(path), render_demo(tmp_path, path), 4)
+    assert [keyed[name] for name in names] == [keyed["demo"]] * 3
+    assert "AUDIT_RETENTION_DAYS" not in keyed["demo"]["settings"]
+    assert keyed["hospital_lung_nodule_v1"] != keyed["demo"]
 
 
 @pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
