@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -61,11 +62,16 @@ def run_packer(
     Past `time_limit_minutes` packer and everything it started are stopped."""
     command = ["packer", "build", "-machine-readable", "-on-error=cleanup"]
     command += ["-var-file=image.pkrvars.hcl", "image.pkr.hcl"]
-    with open(log_path, "a") as log:
+    # Packer leaves its temporary files (the build VM's seed) behind: give it a folder of the
+    # build's own, removed when packer ends, however it ends.
+    with (
+        open(log_path, "a") as log,
+        tempfile.TemporaryDirectory(prefix="factory-packer-") as scratch,
+    ):
         process = subprocess.Popen(
             command,
             cwd=build_dir,
-            env=packer_env(key_file),
+            env={**packer_env(key_file), "TMPDIR": scratch},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -111,7 +112,10 @@ def test_interrupt_mid_packer_build_leaves_nothing(demo_channel, tmp_path):
         security["open_ports"] = [20000 + uuid.uuid4().int % 10000]
 
     variant = demo_variant(tmp_path, fresh_port)
+    seeds_before = set(Path(tempfile.gettempdir()).glob("packer_to_cdrom*"))
     interrupt_demo_build(tmp_path / "out", "booting the base image", signal.SIGINT, variant)
+    # Packer writes the build VM's seed into its own temporary folder: the build's, removed.
+    assert set(Path(tempfile.gettempdir()).glob("packer_to_cdrom*")) <= seeds_before
 
 
 def test_interrupt_during_the_host_install_leaves_no_mount(demo_channel, tmp_path):
