@@ -40,21 +40,21 @@ from factory.layers import Layer, LayerStore, digest_files
 from factory.processes import LoggedRunner
 from factory.profile import LoadedProfile
 from factory.progress import Progress
-from factory.render import CONDA_SCRIPT, GUEST_PAYLOAD_FILES, GUEST_SCRIPTS, packer_validate
+from factory.render import (
+    CONDA_SCRIPT,
+    GUEST_PAYLOAD_FILES,
+    GUEST_SCRIPTS,
+    HOST_SCRIPTS,
+    packer_validate,
+)
 from factory.resolve import image_environments
 
 # The system layer's disk: every profile on one base and one preset shares that layer, whatever
 # its disk; the conda layer grows the disk to the profile's size.
 SYSTEM_DISK_GIB = 4
 _SETTING = re.compile(r"\$\{?([A-Z][A-Z0-9_]*)")
-_CLIENT_SCRIPTS = (
-    "40-jupyter-client.sh",
-    "45-services.sh",
-    "47-snapshots.sh",
-    "50-client-files.sh",
-    "55-retention-updates.sh",
-    "60-admin.sh",
-)
+# The host stages after the conda installer's, run in order when the client layer is made.
+_CLIENT_SCRIPTS = tuple(name for name in HOST_SCRIPTS if name != CONDA_SCRIPT)
 
 
 def _fingerprint(module: object) -> str:
@@ -129,9 +129,9 @@ def plan(loaded: LoadedProfile, base_image: Path, build_dir: Path, system_gib: i
     is system_disk_gib(), the disk the build folder was rendered for."""
     payload, provisioners = build_dir / "payload", build_dir / "provisioners"
     profile = loaded.profile
-    host_code = _fingerprint(assemble)
     base = Layer("base", {"image": base_image.name}, image=base_image)
     system = Layer("system", system_inputs(loaded, build_dir, system_gib), base)
+    host_code = system.inputs["host_code"]
 
     conda_files = [provisioners / CONDA_SCRIPT, payload / "install_env.py", payload / "factory-env"]
     conda_files += sorted((payload / "installer").glob("*.whl"))
