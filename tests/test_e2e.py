@@ -275,6 +275,7 @@ def test_demo_validates(demo_validation, demo_delivery):
         "offline: a new environment is created from the baked channel",
         "offline: pip installs tabulate from the wheelhouse",
         "cloud-init: finished without errors",
+        "importer: the root file system grows to fill a larger disk",
         "ssh: sshd denies root login",
         "ssh: password login is refused",
         "https: valid certificate chain for the machine's name",
@@ -307,6 +308,9 @@ def test_demo_validates(demo_validation, demo_delivery):
         assert expected in names, expected
     rollback = [n for n in names if n.startswith("snapshots: demo broken, then rolled back to ")]
     assert len(rollback) == 1, names
+    # Booted without a seed, as an importer boots it: cloud-init found no datasource and stayed off.
+    details = {c["name"]: c["detail"] for c in report["checks"]}
+    assert "no seed disk" in details["cloud-init: finished without errors"]
     for report_file in ("report.xml", "report.html"):
         assert (demo_delivery / report_file).stat().st_size > 0
     cpu = report["subject"]["cpu"]
@@ -318,8 +322,8 @@ def test_demo_validates(demo_validation, demo_delivery):
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):
-    """Seven broken promises: an image with root login switched back on, that creates
-    cloud-init's default account when imported without a seed, whose client service is not
+    """Seven broken promises: an image with root login switched back on, whose cloud-init runs
+    without a seed (one datasource) and creates its default account, whose client service is not
     started, and whose dpkg database holds one package older than its security index with no
     security suite in its sources; a profile that
     promises a package and an NVIDIA driver the image lacks, and a lock that names a version
@@ -336,7 +340,9 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     with mounted_root(raw) as root:
         config = next((root / "etc/ssh/sshd_config.d").glob("*-factory.conf"))
         config.write_text(config.read_text().replace("PermitRootLogin no", "PermitRootLogin yes"))
-        (root / "etc/cloud/cloud.cfg.d/91-factory-no-default-user.cfg").unlink()
+        cloud = root / "etc/cloud/cloud.cfg.d"
+        (cloud / "90-factory-datasource.cfg").write_text("datasource_list: [ NoCloud, None ]\n")
+        (cloud / "91-factory-no-default-user.cfg").unlink()
         (root / "etc/systemd/system/multi-user.target.wants/factory-service-score.service").unlink()
         unpatched = unpatch_one_package(root, index)
     export.export_ova(raw, virtual_hardware(load_profile(demo_delivery / "profile.yaml")), copy)

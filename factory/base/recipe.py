@@ -53,6 +53,33 @@ DISK_SIZE_GIB = 4
 # made for virtual machines skip that test.
 KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200n8 no_timer_check"
 PART_START_SECTOR = 2048
+# A disk the importer made larger: the root partition, then its file system, grow to its end.
+GROWROOT_SCRIPT = """\
+#!/bin/sh
+set -eu
+part=$(findmnt -nvo SOURCE /)
+disk=/dev/$(lsblk -no PKNAME "$part")
+number=$(cat "/sys/class/block/${part##*/}/partition")
+if out=$(growpart "$disk" "$number" 2>&1); then
+    resize2fs "$part"
+elif [ "${out#NOCHANGE}" = "$out" ]; then
+    echo "$out" >&2
+    exit 1
+fi
+"""
+GROWROOT_UNIT = """\
+[Unit]
+Description=Grow the root file system to the end of its disk
+After=systemd-remount-fs.service
+Before=ssh.service factory-firstboot.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/factory-growroot
+
+[Install]
+WantedBy=multi-user.target
+"""
 SECTOR = 512
 
 
@@ -221,9 +248,12 @@ def configure_rootfs(mnt: Path, root_uuid: str, run: LoggedRunner) -> str:
         "# Fallback when no cloud-init network config applies (e.g. imported into VMware).\n"
         "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
     )
+    # The seeds importers give (Proxmox: NoCloud or ConfigDrive; vSphere: guestinfo). With more
+    # than one, ds-identify looks for them, and a VM booted without any (an importer's first
+    # boot) runs no cloud-init at all: over a minute of that boot under emulation.
     _write(
         mnt / "etc/cloud/cloud.cfg.d/90-factory-datasource.cfg",
-        "datasource_list: [ NoCloud, None ]\n",
+        "datasource_list: [ NoCloud, ConfigDrive, VMware, None ]\n",
     )
     # Without a seed (an importer's first boot) cloud-init would create its default user.
     _write(mnt / "etc/cloud/cloud.cfg.d/91-factory-no-default-user.cfg", "users: []\n")
@@ -247,6 +277,9 @@ def configure_rootfs(mnt: Path, root_uuid: str, run: LoggedRunner) -> str:
             """
         ),
     )
+    # cloud-init grows the root only when it runs (a seed); this grows it on every boot.
+    _write(mnt / "usr/local/sbin/factory-growroot", GROWROOT_SCRIPT, mode=0o755)
+    _write(mnt / "etc/systemd/system/factory-growroot.service", GROWROOT_UNIT)
     _chroot(
         run,
         mnt,
@@ -256,7 +289,10 @@ def configure_rootfs(mnt: Path, root_uuid: str, run: LoggedRunner) -> str:
         "systemd-resolved.service",
         "ssh.service",
         "factory-ssh-hostkeys.service",
+        "factory-growroot.service",
     )
+    # It reaps e2scrub's LVM snapshots; these images have no LVM.
+    _chroot(run, mnt, "systemctl", "mask", "e2scrub_reap.service")
 
     grub_default = mnt / "etc/default/grub"
     text = grub_default.read_text() if grub_default.exists() else ""

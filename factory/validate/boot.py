@@ -18,6 +18,7 @@ from typing import Protocol
 from factory import kvm, seed
 from factory.errors import FactoryError, ToolError
 from factory.escape import cloud_config
+from factory.export import qemu_img_info
 from factory.keys import KeyPair, ephemeral_keypair
 from factory.processes import die_with_parent, stop
 
@@ -26,6 +27,9 @@ HOST_KEY_BLOCKS = [
     ("-----BEGIN FACTORY SSH HOST KEYS-----", "-----END FACTORY SSH HOST KEYS-----"),
     ("-----BEGIN SSH HOST KEY KEYS-----", "-----END SSH HOST KEY KEYS-----"),
 ]
+# Booted as an importer boots it, the disk is also made this much larger, as importers often
+# do: the image must grow its root file system to fill it.
+IMPORTER_EXTRA_DISK_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class BootedVM:
     boot_seconds: float
     forwards: dict[int, int]  # guest TCP port -> host port on 127.0.0.1
     agent_socket: Path | None = None  # the QEMU guest agent's channel, when it has one
+    delivered_disk_bytes: int = 0  # the delivered disk's size; the VM's may be larger
+    disk_bytes: int = 0  # the size of the disk the VM booted with
 
 
 def extract_ova_disk(ova: Path, dest: Path) -> Path:
@@ -98,21 +104,13 @@ def boot_delivery(
         with ephemeral_keypair("factory-validate") as key:
             overlay = work / "overlay.qcow2"
             fmt = "vmdk" if disk.suffix == ".vmdk" else "qcow2"
+            delivered = qemu_img_info(disk)["virtual-size"]
+            size = delivered + (0 if seed else IMPORTER_EXTRA_DISK_BYTES)
             subprocess.run(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    fmt,
-                    "-b",
-                    str(disk.resolve()),
-                    str(overlay),
-                ],
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt,
+                 "-b", str(disk.resolve()), str(overlay), str(size)],
                 check=True,
-            )
+            )  # fmt: skip
             forwards = {guest: _free_port() for guest in {22, *(forward_ports or [])}}
             port = forwards[22]
             console = work / "console.log"
@@ -152,7 +150,7 @@ def boot_delivery(
                 )
             keys = wait_for_host_keys(process, console, stderr, started + timeout)
             seconds = time.monotonic() - started
-            yield BootedVM(port, keys, key, console, seconds, forwards, agent)
+            yield BootedVM(port, keys, key, console, seconds, forwards, agent, delivered, size)
     finally:
         if process is not None:
             stop(process, group=False, grace=20)

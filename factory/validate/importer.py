@@ -1,6 +1,7 @@
-"""The delivered disk booted as an importer boots it: no seed disk, so cloud-init falls back to
-no datasource. It must come up, print its host keys, answer on the ports it serves, and create
-no account beyond the profile's. These checks run first, before the validator is let in
+"""The delivered disk booted as an importer boots it: no seed disk, so cloud-init finds no
+datasource and stays off, and a disk made larger than delivered. It must come up, print its
+host keys, answer on the ports it serves, grow its root file system to the larger disk, and
+create no account beyond the profile's. These checks run first, before the validator is let in
 through the QEMU guest agent (the channel libvirt and Proxmox add), so nobody has logged in
 yet; the accounts are read through the agent too."""
 
@@ -85,6 +86,20 @@ def accounts_result(accounts: dict[str, str], admin: str) -> CheckResult:
     )
 
 
+def growth_result(vm: BootedVM, agent: GuestAgent) -> CheckResult:
+    """The root file system is larger than the delivered disk: it grew into the larger one."""
+    code, out, err = agent.run(["/usr/bin/findmnt", "-bnvo", "SIZE", "/"])
+    size = int(out.strip()) if code == 0 and out.strip().isdigit() else 0
+    gib = 2**30
+    return result(
+        "importer: the root file system grows to fill a larger disk",
+        size > vm.delivered_disk_bytes,
+        f"root {size / gib:.2f} GiB on a {vm.disk_bytes / gib:.2f} GiB disk (delivered "
+        f"{vm.delivered_disk_bytes / gib:.2f} GiB)" + (f"; findmnt: {err.strip()}" if code else ""),
+        GROUP,
+    )
+
+
 def check_importer(vm: BootedVM, loaded: LoadedProfile, agent: GuestAgent) -> list[CheckResult]:
     """What an importer meets on `vm`, booted without a seed, before anyone has logged in."""
     ports = served_ports(loaded)
@@ -104,6 +119,7 @@ def check_importer(vm: BootedVM, loaded: LoadedProfile, agent: GuestAgent) -> li
         except ConnectionError as error:
             silent.append(f"{port}: {error}")
     results.append(ports_result(ports, answered, silent))
+    results.append(growth_result(vm, agent))
     accounts = human_accounts(agent.read_file("/etc/passwd"))
     results.append(accounts_result(accounts, loaded.profile.admin.user))
     return results
