@@ -27,6 +27,11 @@ QEMU_MODELS = {
 }
 # TCG emulates up to v2 faithfully; QEMU 7.2's AVX2 emulation crashes NumPy's sort kernels.
 TCG_FAITHFUL_LEVEL = "x86-64-v2"
+# TCG cannot emulate IA32_ARCH_CAPABILITIES, so a guest kernel on an Intel model assumes
+# Meltdown and isolates its page tables (PTI): every system call then flushes the emulated
+# TLB. Client CPUs since 2019 report themselves unaffected, and AMD's never were. Under TCG
+# the model keeps its level and takes AMD's vendor id, so the guest runs without PTI.
+TCG_VENDOR_ID = "AuthenticAMD"
 # /proc/cpuinfo flags each level adds to the one below it.
 LEVEL_FLAGS = {
     "x86-64-v1": ("cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "sse", "sse2"),
@@ -79,11 +84,26 @@ class CpuChoice:
     accelerator: str
 
     @property
+    def vendor_id(self) -> str | None:
+        """The vendor id the guest sees, where it is not the model's own."""
+        return TCG_VENDOR_ID if self.accelerator == "tcg" else None
+
+    @property
+    def qemu_cpu(self) -> str:
+        """The value of QEMU's -cpu option."""
+        return qemu_cpu_option(self.model, self.vendor_id)
+
+    @property
     def proves_promise(self) -> bool:
         return self.level == self.promised
 
     def describe(self) -> str:
-        return f"{self.model} ({self.level}, {self.accelerator})"
+        vendor = f", vendor id {self.vendor_id}" if self.vendor_id else ""
+        return f"{self.model} ({self.level}, {self.accelerator}{vendor})"
+
+
+def qemu_cpu_option(model: str, vendor_id: str | None) -> str:
+    return f"{model},vendor={vendor_id}" if vendor_id else model
 
 
 def validation_cpu(promised: str, accelerator: str) -> CpuChoice:
@@ -95,7 +115,9 @@ def validation_cpu(promised: str, accelerator: str) -> CpuChoice:
 def build_cpu_model(accelerator: str) -> str:
     """The build VM's CPU: the host's under KVM, the highest faithful model under TCG. The
     build runs only system tools, never the client's code."""
-    return "host" if accelerator == "kvm" else QEMU_MODELS[TCG_FAITHFUL_LEVEL]
+    if accelerator == "kvm":
+        return "host"
+    return qemu_cpu_option(QEMU_MODELS[TCG_FAITHFUL_LEVEL], TCG_VENDOR_ID)
 
 
 def level_of_features(features: list[str]) -> str:

@@ -154,12 +154,13 @@ def deploy_to_libvirt(
     log(f"copying {opened.delivery.qcow2.name} into libvirt's '{POOL}' pool as {disk}")
     shutil.copyfile(opened.delivery.qcow2, disk)  # the delivery itself is never written
     virsh(uri, "pool-refresh", POOL, check=False)
-    description = f"{accel}, CPU {cpu.model} ({cpu.level}), {size.cpus} CPUs, {size.memory_mib} MiB"
+    description = f"CPU {cpu.describe()}, {size.cpus} CPUs, {size.memory_mib} MiB"
     log(f"starting {name} at {uri}: {description}")
     started = time.monotonic()
     try:
         define_and_start(uri, DomainSpec(deployment, "kvm" if accel == "kvm" else "qemu",
-                                         cpu.model, size.cpus, size.memory_mib))  # fmt: skip
+                                         cpu.model, size.cpus, size.memory_mib,
+                                         cpu.vendor_id))  # fmt: skip
     except BaseException:
         disk.unlink(missing_ok=True)
         raise

@@ -163,6 +163,7 @@ class DomainSpec:
     cpu_model: str
     cpus: int
     memory_mib: int
+    cpu_vendor_id: str | None = None  # factory.cpu.TCG_VENDOR_ID under TCG
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -183,7 +184,10 @@ def domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
     cpu = ET.SubElement(domain, "cpu", mode="custom", match="exact", check="none")
-    ET.SubElement(cpu, "model", fallback="forbid").text = spec.cpu_model
+    model = ET.SubElement(cpu, "model", fallback="forbid")
+    model.text = spec.cpu_model
+    if spec.cpu_vendor_id:
+        model.set("vendor_id", spec.cpu_vendor_id)
     devices = ET.SubElement(domain, "devices")
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2")

@@ -319,6 +319,11 @@ def test_demo_validates(demo_validation, demo_delivery):
         "x86-64-v2",
         "x86-64-v2",
     )
+    # Under TCG, with AMD's vendor id: the guest kernel runs without page-table isolation.
+    assert cpu["vendor_id"] == ("AuthenticAMD" if cpu["accelerator"] == "tcg" else None)
+    assert details["cpu: the VM runs at x86-64-v2 (QEMU model Nehalem)"].endswith(
+        "; vendor id AuthenticAMD" if cpu["accelerator"] == "tcg" else "CPU flags"
+    )
 
 
 def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_delivery, tmp_path):

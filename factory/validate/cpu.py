@@ -21,7 +21,10 @@ def check_cpu_level(ctx: CheckContext) -> list[CheckResult]:
         name = f"cpu: the VM runs at {level} (QEMU model {choice.model})"
     else:
         name = f"cpu: this machine supports {promised} (the profile's cpu_baseline)"
-    results = [result(name, problem is None, problem or f"{len(flags)} CPU flags", GROUP)]
+    detail = problem or f"{len(flags)} CPU flags"
+    if choice is not None and choice.vendor_id:
+        detail += f"; vendor id {choice.vendor_id}"
+    results = [result(name, problem is None, detail, GROUP)]
     if choice is not None and not choice.proves_promise:
         results.append(
             CheckResult(

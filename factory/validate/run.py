@@ -81,7 +81,7 @@ def validate_delivery(
             vm_size.memory_mib,
             vm_size.cpus,
             accel,
-            cpu_model=cpu_choice.model,
+            cpu_model=cpu_choice.qemu_cpu,
             # No check needs the internet; cut off, the guest cannot reach the host's loopback.
             restrict_network=True,
             forward_ports=[*loaded.profile.open_ports(), *served_ports(loaded), probe_port],
@@ -146,6 +146,7 @@ def validate_delivery(
             "model": cpu_choice.model,
             "booted_level": cpu_choice.level,
             "cpu_baseline": cpu_choice.promised,
+            "vendor_id": cpu_choice.vendor_id,
             "accelerator": accel,
         },
         "profile": str(loaded.path),
