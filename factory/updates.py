@@ -5,7 +5,9 @@ installed packages that index holds newer versions of."""
 from __future__ import annotations
 
 import gzip
+import json
 import lzma
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,11 @@ ARCHITECTURES = ("amd64", "all")
 # In the build folder and the delivery: the security index the image was upgraded against.
 INDEX_FILE = "security-index.json"
 _READERS = {".xz": lzma.decompress, ".gz": gzip.decompress, "": bytes}
+# A JSON file of index states, {"<InRelease URL> <components>": state}, written by
+# pin_index_states(): the builds of one batch (tests/conftest.py pins a test run) key their
+# bases by it, so that an update published halfway through does not split the batch across
+# two base layers.
+PIN_VARIABLE = "FACTORY_SECURITY_INDEX_PIN"
 
 
 def security_archive(mirror: str) -> str:
@@ -49,6 +56,9 @@ def index_state(mirror: str, suite: str, components: list[str]) -> dict:
     """The security suite's Release date and the digests of its Packages indexes, read from
     its InRelease: it changes whenever a security update is published."""
     url = f"{security_archive(mirror)}/dists/{suite}-security/InRelease"
+    pin = os.environ.get(PIN_VARIABLE)
+    if pin and (pinned := _pinned_states(Path(pin)).get(f"{url} {','.join(components)}")):
+        return pinned
     try:
         release = deb822.Release(fetch_bytes(url, what="the security index"))
     except Unreachable as error:
@@ -61,6 +71,30 @@ def index_state(mirror: str, suite: str, components: list[str]) -> dict:
     if not digests:
         raise FactoryError(f"{url} lists no Packages index for {', '.join(components)}")
     return {"suite": f"{suite}-security", "date": release.get("Date", ""), "indexes": digests}
+
+
+def _pinned_states(pin: Path) -> dict:
+    try:
+        return json.loads(pin.read_text())
+    except (OSError, ValueError) as error:
+        raise FactoryError(
+            f"{PIN_VARIABLE}={pin}: cannot read it ({error}); unset it, or pin again"
+        ) from None
+
+
+def pin_index_states(pin: Path, mirror: str, suite: str, components: list[str]) -> dict:
+    """Read the security index's state now and add it to the pin file `pin`."""
+    url = f"{security_archive(mirror)}/dists/{suite}-security/InRelease"
+    states = _pinned_states(pin) if pin.is_file() else {}
+    saved = os.environ.pop(PIN_VARIABLE, None)
+    try:
+        state = index_state(mirror, suite, components)
+    finally:
+        if saved is not None:
+            os.environ[PIN_VARIABLE] = saved
+    states[f"{url} {','.join(components)}"] = state
+    pin.write_text(json.dumps(states, indent=1))
+    return state
 
 
 @dataclass(frozen=True)

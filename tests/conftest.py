@@ -29,6 +29,30 @@ def pytest_configure(config: pytest.Config) -> None:
     start with the default."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not hasattr(config, "workerinput"):  # once, before the workers start
+        _pin_the_security_index(config)
+
+
+def _pin_the_security_index(config: pytest.Config) -> None:
+    """Key every base of this run by the security index as it is now: an update Debian
+    publishes during the run would otherwise give later builds a new base, and the tests that
+    expect the demo's layers to be hits would see misses."""
+    from factory import updates
+    from factory.base import recipe
+    from factory.base.debian import DEBIAN_RELEASES
+    from factory.errors import FactoryError
+
+    if os.environ.get(updates.PIN_VARIABLE):
+        return
+    pin = Path(tempfile.mkdtemp(prefix="factory-test-pin-")) / "security-index.json"
+    try:
+        for release in DEBIAN_RELEASES.values():
+            components = recipe.COMPONENTS.split(",")
+            updates.pin_index_states(pin, release["mirror"], release["suite"], components)
+    except FactoryError:  # offline: the tests that need the archive say so themselves
+        return
+    os.environ[updates.PIN_VARIABLE] = str(pin)
+    config.add_cleanup(lambda: shutil.rmtree(pin.parent, ignore_errors=True))
 
 
 # `make test` runs the suite in two workers (pytest-xdist). The modules that share one of these

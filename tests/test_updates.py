@@ -1,5 +1,6 @@
 """The security suite an image is built and checked against, read from Debian's real archive."""
 
+import json
 import urllib.request
 
 import pytest
@@ -45,6 +46,27 @@ def test_index_state_changes_with_the_security_index():
     assert state["suite"] == "bookworm-security"
     assert state["date"].endswith("UTC")
     assert len(state["indexes"]["main/binary-amd64/Packages.xz"]) == 64
+
+
+def test_a_pinned_index_state_is_used_for_its_archive_only(monkeypatch, tmp_path):
+    """A pinned state (read for real, then marked) is what index_state returns for that
+    archive; another archive is still read, and an unreadable pin is one line."""
+    monkeypatch.setattr(download, "BACKOFF_SECONDS", 0.0)
+    pin = tmp_path / "pin.json"
+    read = updates.pin_index_states(pin, updates.DEBIAN_MIRROR, SUITE, COMPONENTS)
+    states = json.loads(pin.read_text())
+    ((key, state),) = states.items()
+    assert state == read and key.endswith(f"/bookworm-security/InRelease {','.join(COMPONENTS)}")
+    state["date"] = "pinned"
+    pin.write_text(json.dumps(states))
+    monkeypatch.setenv(updates.PIN_VARIABLE, str(pin))
+    assert updates.index_state(updates.DEBIAN_MIRROR, SUITE, COMPONENTS)["date"] == "pinned"
+    with pytest.raises(FactoryError):
+        updates.index_state("http://127.0.0.1:9/debian", SUITE, COMPONENTS)
+    pin.write_text("{")
+    with pytest.raises(FactoryError) as error:
+        updates.index_state(updates.DEBIAN_MIRROR, SUITE, COMPONENTS)
+    assert updates.PIN_VARIABLE in str(error.value) and "\n" not in str(error.value)
 
 
 def test_unreachable_security_index_is_one_line(monkeypatch):
