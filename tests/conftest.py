@@ -237,7 +237,9 @@ def require_root() -> None:
 
 def demo_variant(folder: Path, change=None, file_name: str = "demo.yaml") -> Path:
     """A copy of the demo profile in `folder`, its paths made absolute, edited by `change`
-    (a function that edits the parsed YAML in place)."""
+    (a function that edits the parsed YAML in place). The demo's lock goes with it where it
+    exists: environments the change leaves alone keep their locked packages, whatever PyPI
+    published since, and only a changed one is solved again."""
     import yaml
 
     profile = yaml.safe_load(DEMO_PROFILE.read_text())
@@ -250,6 +252,9 @@ def demo_variant(folder: Path, change=None, file_name: str = "demo.yaml") -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file_name
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    demo_lock = DEMO_PROFILE.with_suffix(".lock")
+    if demo_lock.is_dir():
+        shutil.copytree(demo_lock, path.with_suffix(".lock"), dirs_exist_ok=True)
     return path
 
 

@@ -223,7 +223,9 @@ def test_two_demo_profiles_one_pip_package_apart(tmp_path, test_channel):
     new = demo_variant(tmp_path / "new", one_more)
     run_factory("lock", str(old), check=True)
     # The copy starts from the original's locks, as a copied profile does: only 'demo' solves.
-    shutil.copytree(tmp_path / "old" / "demo.lock", tmp_path / "new" / "demo.lock")
+    shutil.copytree(
+        tmp_path / "old" / "demo.lock", tmp_path / "new" / "demo.lock", dirs_exist_ok=True
+    )
     run_factory("lock", str(new), check=True)
 
     result = run_factory("diff", str(old), str(new))
