@@ -52,13 +52,26 @@ def _packages_indexes(components: list[str]) -> set[str]:
     return {f"{c}/binary-{arch}/Packages.xz" for c in components for arch in ARCHITECTURES}
 
 
+def _index_url(mirror: str, suite: str) -> str:
+    return f"{security_archive(mirror)}/dists/{suite}-security/InRelease"
+
+
+def _pin_key(mirror: str, suite: str, components: list[str]) -> str:
+    return f"{_index_url(mirror, suite)} {','.join(components)}"
+
+
 def index_state(mirror: str, suite: str, components: list[str]) -> dict:
     """The security suite's Release date and the digests of its Packages indexes, read from
-    its InRelease: it changes whenever a security update is published."""
-    url = f"{security_archive(mirror)}/dists/{suite}-security/InRelease"
+    its InRelease: it changes whenever a security update is published. A pinned state
+    (PIN_VARIABLE) for this archive is returned instead of reading it."""
     pin = os.environ.get(PIN_VARIABLE)
-    if pin and (pinned := _pinned_states(Path(pin)).get(f"{url} {','.join(components)}")):
+    if pin and (pinned := _pinned_states(Path(pin)).get(_pin_key(mirror, suite, components))):
         return pinned
+    return _read_index_state(mirror, suite, components)
+
+
+def _read_index_state(mirror: str, suite: str, components: list[str]) -> dict:
+    url = _index_url(mirror, suite)
     try:
         release = deb822.Release(fetch_bytes(url, what="the security index"))
     except Unreachable as error:
@@ -84,15 +97,9 @@ def _pinned_states(pin: Path) -> dict:
 
 def pin_index_states(pin: Path, mirror: str, suite: str, components: list[str]) -> dict:
     """Read the security index's state now and add it to the pin file `pin`."""
-    url = f"{security_archive(mirror)}/dists/{suite}-security/InRelease"
     states = _pinned_states(pin) if pin.is_file() else {}
-    saved = os.environ.pop(PIN_VARIABLE, None)
-    try:
-        state = index_state(mirror, suite, components)
-    finally:
-        if saved is not None:
-            os.environ[PIN_VARIABLE] = saved
-    states[f"{url} {','.join(components)}"] = state
+    state = _read_index_state(mirror, suite, components)
+    states[_pin_key(mirror, suite, components)] = state
     pin.write_text(json.dumps(states, indent=1))
     return state
 

@@ -45,9 +45,9 @@ def _pin_the_security_index(config: pytest.Config) -> None:
     if os.environ.get(updates.PIN_VARIABLE):
         return
     pin = Path(tempfile.mkdtemp(prefix="factory-test-pin-")) / "security-index.json"
+    components = recipe.COMPONENTS.split(",")
     try:
         for release in DEBIAN_RELEASES.values():
-            components = recipe.COMPONENTS.split(",")
             updates.pin_index_states(pin, release["mirror"], release["suite"], components)
     except FactoryError:  # offline: the tests that need the archive say so themselves
         return
