@@ -102,6 +102,7 @@ def test_profiles_built_together_share_their_layers_and_run_no_packer(demo_deliv
     env = fake_packer(tmp_path / "bin")
     second = demo_variant(tmp_path, lambda p: p.update(version=2), "demo-v2.yaml")
     broken = demo_variant(tmp_path, lambda p: p["resources"].update(cpus=0), "broken.yaml")
+    forget_layer(second, "client", tmp_path / "forget")  # stored by an earlier run of this test
     outputs = tmp_path / "out"
     result = run_factory(
         "build", str(DEMO_PROFILE), str(second), str(broken), "--jobs", "2",
