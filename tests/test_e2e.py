@@ -364,8 +364,10 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     (copy / "profile.yaml").write_text(yaml.safe_dump(profile))
     report_dir = tmp_path / "reports"
     # The groups the broken promises touch; every other group passed on the unmodified image
-    # (test_demo_validates), and skipping them keeps this second boot short.
-    only = "importer,cpu,env,lock,ssh,updates,credentials,client-services,gpu"
+    # (test_demo_validates), and skipping them keeps this second boot short. https and audit
+    # ride along: asked for without the jupyter group, they wait for Jupyter and make their
+    # own requests.
+    only = "importer,cpu,env,lock,ssh,https,audit,updates,credentials,client-services,gpu"
     result = run_factory("validate", str(copy), "--report-dir", str(report_dir), "--only", only)
     assert result.returncode == 5  # validation failed
     assert "demo: imports requests" in result.stderr
@@ -388,6 +390,8 @@ def test_validator_fails_exactly_the_broken_promises(demo_validation, demo_deliv
     ], failed
     details = {c["name"]: c["detail"] for c in report["checks"]}
     assert "unexpected: debian" in details["importer: no account beyond the profile's"]
+    assert "HTTP 200" in details["https: the first-boot token opens Jupyter"]
+    assert "API request(s)" in details["audit: Jupyter access is logged"]
     assert unpatched in details[failed[-1]]
     level2 = next(c for c in report["checks"] if c["name"] == "gpu: nvidia-smi lists the device")
     assert (level2["status"], level2["detail"]) == ("skipped", "skipped: no GPU on this machine")

@@ -4,6 +4,7 @@ redirects plain HTTP and passes websockets through. Asked from outside, as a bro
 from __future__ import annotations
 
 import ssl
+import time
 
 from cryptography import x509
 
@@ -16,9 +17,12 @@ from factory.validate.context import (
     jupyter_token,
     result,
 )
+from factory.validate.jupyter import START_SECONDS
 from factory.validate.web import tls_context
 
 GROUP = "https"
+# nginx's answers while Jupyter behind it is not listening yet.
+UPSTREAM_NOT_READY = (502, 503, 504)
 WEBSOCKET_UPGRADE = {
     "Upgrade": "websocket",
     "Connection": "Upgrade",
@@ -51,7 +55,12 @@ def check_https(ctx: CheckContext) -> list[CheckResult]:
     results = []
     try:
         context = tls_context(cert_pem)
-        answer = target.request(443, "/api/status", tls=context, server_name=name, timeout=60)
+        deadline = time.monotonic() + START_SECONDS
+        while True:  # a first boot may still be starting Jupyter (`--only https` waits too)
+            answer = target.request(443, "/api/status", tls=context, server_name=name, timeout=60)
+            if answer.status not in UPSTREAM_NOT_READY or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         served = ssl.DER_cert_to_PEM_cert(answer.peer_cert or b"").strip()
         same = served.split() == cert_pem.strip().split()
         results.append(

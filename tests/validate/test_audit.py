@@ -59,3 +59,19 @@ def test_no_recorded_key_login_fails(ctx, target):
 def test_an_empty_jupyter_access_log_fails(ctx, target):
     target.answer(ACCESS, stdout="0\n", exit_code=1)
     assert list(failed(check_audit(ctx))) == ["audit: Jupyter access is logged"]
+
+
+def test_the_audit_asks_jupyter_through_nginx_before_reading_its_log(ctx, target, monkeypatch):
+    """`--only audit` runs no https check: the audit makes the request it then looks for."""
+    asked = []
+    recorded = target.request
+
+    def request(port, path, headers=None, **options):
+        asked.append((port, path, list(target.ran)))
+        return recorded(port, path, headers, **options)
+
+    monkeypatch.setattr(target, "request", request)
+    assert failed(check_audit(ctx)) == {}
+    ((port, path, ran_before),) = asked
+    assert (port, path) == (443, "/api/status")
+    assert ACCESS not in ran_before and ACCESS in target.ran

@@ -1,6 +1,8 @@
 """https: nginx serves the machine's certificate, wants the token, upgrades websockets and
 redirects plain HTTP. The TLS context is built from the recorded certificate for real."""
 
+from dataclasses import replace
+
 from factory.validate.https import check_https
 from factory.validate.target import ScriptedTarget
 from tests.validate.conftest import failed, recording, statuses
@@ -75,3 +77,34 @@ def test_a_target_that_cannot_reach_ports_skips(ctx):
     ctx.target = CommandsOnly()
     (result,) = check_https(ctx)
     assert (result.status, result.detail) == ("skipped", "ports not reachable")
+
+
+def _nginx_before_jupyter(target, monkeypatch, not_ready: int) -> list[float]:
+    """nginx answers 502 to the first `not_ready` requests (Jupyter still starting); returns
+    the list the check's sleeps are recorded in."""
+    slept, recorded = [], target.request
+
+    def request(port, path, headers=None, **options):
+        if port == 443 and len(slept) < not_ready:
+            return replace(recorded(port, path, headers, **options), status=502)
+        return recorded(port, path, headers, **options)
+
+    monkeypatch.setattr(target, "request", request)
+    monkeypatch.setattr("factory.validate.https.time.sleep", slept.append)
+    return slept
+
+
+def test_a_jupyter_still_starting_is_waited_for(ctx, target, monkeypatch):
+    """`--only https` right after boot: nginx answers 502 until Jupyter listens."""
+    slept = _nginx_before_jupyter(target, monkeypatch, not_ready=2)
+    assert failed(check_https(ctx)) == {}
+    assert slept == [5, 5]
+
+
+def test_a_jupyter_that_never_starts_fails_at_the_deadline(ctx, target, monkeypatch):
+    monkeypatch.setattr("factory.validate.https.START_SECONDS", -1)
+    slept = _nginx_before_jupyter(target, monkeypatch, not_ready=10**6)
+    assert failed(check_https(ctx))["https: a request without the token is refused"] == (
+        "GET /api/status without token -> HTTP 502"
+    )
+    assert slept == []
