@@ -328,9 +328,13 @@ def test_live_host_reports_drift_since_the_delivery(tester, demo_delivery, tmp_p
     assert added.returncode == 0, added.stderr[-2000:]
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
+    # An emulated guest beside two busy test workers can take longer than ssh-keyscan's
+    # default 5 s to answer (a CI rehearsal saw no key at all).
     scan = subprocess.run(
-        ["ssh-keyscan", "-p", config["Port"], config["HostName"]], capture_output=True, text=True
-    )
+        ["ssh-keyscan", "-T", "60", "-p", config["Port"], config["HostName"]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert scan.stdout.strip(), f"ssh-keyscan read no host key: {scan.stderr[-500:]}"
     (home / ".ssh" / "known_hosts").write_text(scan.stdout)
     address = f"{config['User']}@{config['HostName']}:{config['Port']}"
     result = run_factory(
