@@ -83,7 +83,7 @@ def credentials_text(loaded: LoadedProfile) -> str:
         f"- Audit trail ({profile.security.audit_retention_days} days): "
         "`sudo ausearch -k factory-sudo`, `-k factory-login`, `-k factory-jupyter-token`;",
         "  the persistent journal (`journalctl`); Jupyter access in "
-        "/var/log/nginx/jupyter-access.log.",
+        f"{image_layout.JUPYTER_ACCESS_LOG}.",
         "  Audit logs are never deleted: size the disk for the period, or ship them to your log",
         "  server. When the disk runs short auditd warns in syslog, and at its last 50 MB it",
         "  takes the machine to single-user mode rather than stop recording.",

@@ -35,6 +35,8 @@ SAMPLES_DIR = NOTEBOOKS_DIR / "samples"
 SERVICES_DIR = PurePosixPath("/srv/services")
 SERVICES_CONFIG_DIR = CONFIG_DIR / "services"
 NGINX_SERVICES_DIR = PurePosixPath("/etc/nginx/factory-services")
+# nginx's log of the requests to Jupyter (provisioners/30-jupyter.sh), kept for the audit.
+JUPYTER_ACCESS_LOG = PurePosixPath("/var/log/nginx/jupyter-access.log")
 # The environments' locks as built, and the snapshots taken of them.
 LOCKS_DIR = PurePosixPath("/opt/factory/locks")
 SNAPSHOTS_DIR = PurePosixPath("/var/backups/factory")

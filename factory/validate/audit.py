@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import re
 
+from factory.image_layout import JUPYTER_ACCESS_LOG
 from factory.validate.context import CheckContext, CheckResult, result
 from factory.validate.web import unverified_tls
-
-ACCESS_LOG = "/var/log/nginx/jupyter-access.log"
 
 
 def check_audit(ctx: CheckContext) -> list[CheckResult]:
@@ -93,12 +92,12 @@ def check_audit(ctx: CheckContext) -> list[CheckResult]:
                 ctx.target.request(443, "/api/status", tls=unverified_tls(), timeout=60)
             except (OSError, ConnectionError, ValueError):
                 pass  # the https group reports an nginx that does not answer
-        access = ctx.target.run(f"sudo grep -c 'GET /api/' {ACCESS_LOG}").stdout.strip()
+        access = ctx.target.run(f"sudo grep -c 'GET /api/' {JUPYTER_ACCESS_LOG}").stdout.strip()
         results.append(
             result(
                 "audit: Jupyter access is logged",
                 access not in ("", "0"),
-                f"{access or 0} API request(s) in {ACCESS_LOG}",
+                f"{access or 0} API request(s) in {JUPYTER_ACCESS_LOG}",
                 group,
             )
         )
