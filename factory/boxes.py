@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from factory import __version__, seed
 from factory.cache import sha256_file
+from factory.cpu import DEFAULT_LEVEL, validation_cpu
 from factory.errors import FactoryError
 from factory.escape import cloud_config
 from factory.export import (
@@ -61,6 +62,7 @@ class BoxSpec:
     version: str  # the delivery version
     hardware: VirtualHardware
     jupyter_port: int | None  # None when the profile has no Jupyter
+    cpu_baseline: str = DEFAULT_LEVEL  # the profile's: the box boots at that level
 
     @property
     def slug(self) -> str:
@@ -91,6 +93,9 @@ def check_box_url(base_url: str | None) -> None:
 
 
 def render_box_vagrantfile(spec: BoxSpec, provider: str) -> str:
+    # libvirt boots the box as validate and deploy boot the delivery: at the profile's CPU
+    # level, and without KVM at most at the level TCG emulates faithfully, with AMD's vendor id.
+    kvm, tcg = (validation_cpu(spec.cpu_baseline, accel) for accel in ("kvm", "tcg"))
     return render_template(
         "box-Vagrantfile.j2",
         factory_version=__version__,
@@ -100,6 +105,10 @@ def render_box_vagrantfile(spec: BoxSpec, provider: str) -> str:
         cpus=spec.hardware.cpus,
         memory_mib=spec.hardware.memory_mib,
         jupyter_port=spec.jupyter_port,
+        cpu_baseline=spec.cpu_baseline,
+        kvm_cpu_model=kvm.model,
+        tcg_cpu_model=tcg.model,
+        tcg_cpu=tcg.qemu_cpu,
     )
 
 
@@ -277,4 +286,5 @@ def box_spec(loaded: LoadedProfile) -> BoxSpec:
         version=str(profile.version),
         hardware=virtual_hardware(loaded),
         jupyter_port=profile.jupyter.port if profile.jupyter.enabled else None,
+        cpu_baseline=profile.cpu_baseline,
     )

@@ -1,5 +1,6 @@
 """The export stage, driven with the real qemu-img, tar, sha256sum and (if installed) COT."""
 
+import dataclasses
 import filecmp
 import hashlib
 import json
@@ -20,6 +21,7 @@ from factory.boxes import (
     VAGRANT_INSECURE_KEY,
     BoxSpec,
     export_boxes,
+    render_box_vagrantfile,
     update_catalog,
     write_libvirt_box,
     write_virtualbox_box,
@@ -436,6 +438,66 @@ def test_libvirt_box_holds_the_unchanged_disk_and_a_seed(source, tmp_path):
     assert "disabled: true" in vagrantfile
     if shutil.which("ruby"):
         subprocess.run(["ruby", "-c", str(extracted / "Vagrantfile")], check=True)
+
+
+# Evaluates a box's Vagrantfile with a stand-in for Vagrant's config: prints what the libvirt
+# provider was set to, as JSON.
+_LIBVIRT_SETTINGS = r"""
+require "json"
+class Recorder
+  attr_reader :settings
+  def initialize; @settings = {"qemuargs" => []}; end
+  def qemuargs(options); @settings["qemuargs"] << options[:value]; end
+  def method_missing(name, *args)
+    key = name.to_s.chomp("=")
+    name.to_s.end_with?("=") ? @settings[key] = args[0] : @settings[key]
+  end
+  def respond_to_missing?(*) = true
+end
+class Config
+  def initialize(libvirt); @libvirt = libvirt; end
+  def vm = self
+  def ssh = self
+  def provider(name); yield @libvirt if name == :libvirt; end
+  def method_missing(*) = nil
+  def respond_to_missing?(*) = true
+end
+module Vagrant
+  def self.configure(_version)
+    libvirt = Recorder.new
+    yield Config.new(libvirt)
+    puts JSON.generate(libvirt.settings)
+  end
+end
+load ARGV[0]
+"""
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby missing: `make setup`")
+@pytest.mark.parametrize(
+    ("baseline", "driver", "model", "qemuargs"),
+    [
+        ("x86-64-v2", "kvm", "Nehalem", []),
+        ("x86-64-v2", "qemu", "Nehalem", ["-cpu", "Nehalem,vendor=AuthenticAMD"]),
+        ("x86-64-v3", "kvm", "Haswell-noTSX", []),
+        # Plain emulation holds at v2: QEMU's AVX2 emulation crashes NumPy.
+        ("x86-64-v3", "qemu", "Nehalem", ["-cpu", "Nehalem,vendor=AuthenticAMD"]),
+    ],
+)
+def test_libvirt_box_boots_at_the_profiles_cpu_level(tmp_path, baseline, driver, model, qemuargs):
+    spec = dataclasses.replace(BOX_SPEC, cpu_baseline=baseline)
+    vagrantfile = tmp_path / "Vagrantfile"
+    vagrantfile.write_text(render_box_vagrantfile(spec, "libvirt"))
+    evaluated = subprocess.run(
+        ["ruby", "-e", _LIBVIRT_SETTINGS, str(vagrantfile)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "FACTORY_LIBVIRT_DRIVER": driver},
+    )  # fmt: skip
+    settings = json.loads(evaluated.stdout)
+    assert settings["driver"] == driver
+    assert (settings["cpu_mode"], settings["cpu_model"]) == ("custom", model)
+    assert settings["cpu_fallback"] == "forbid"
+    assert settings["qemuargs"] == qemuargs
 
 
 def test_virtualbox_box_is_an_ovf_with_the_disk_and_the_seed(source, tmp_path):

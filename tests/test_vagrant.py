@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from factory.cache import cache_dir, sha256_file
+from factory.cpu import guest_level_problem, validation_cpu
 from factory.profile import load_profile
 from factory.validate.context import PASSED, CheckContext
 from factory.validate.env import check_environment
@@ -270,6 +271,30 @@ def test_vagrant_up_and_every_guide_step_succeed(tester):
             f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
             f"{result.stderr[-3000:]}\nfull log: {session.log}"
         )
+
+
+def test_box_runs_at_the_profiles_cpu_level(tester, demo_delivery):
+    """The box boots at the profile's cpu_baseline, as validate and deploy boot the delivery,
+    not at the tester's CPU: without KVM, Nehalem with AMD's vendor id (libvirt's host-model
+    gave an EPYC, x86-64-v3 with AVX2)."""
+    session, _steps = tester
+    baseline = load_profile(demo_delivery / "profile.yaml").profile.cpu_baseline
+    driver = session.env["FACTORY_LIBVIRT_DRIVER"]
+    expected = validation_cpu(baseline, "kvm" if driver == "kvm" else "tcg")
+    (pid,) = domain_qemu_pids(f"{session.workdir.name}_default")
+    words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    cpu_options = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "-cpu"]
+    assert cpu_options and cpu_options[-1] == expected.qemu_cpu, cpu_options  # QEMU's choice
+    seen = session.sh("vagrant ssh -c 'grep -m2 -E \"^(vendor_id|flags)\" /proc/cpuinfo'")
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    fields = {
+        key.strip(): value.strip()
+        for key, _, value in (line.partition(":") for line in seen.stdout.splitlines())
+    }
+    flags = set(fields["flags"].split())
+    assert guest_level_problem(flags, expected.level, exact=True) is None, sorted(flags)
+    if expected.vendor_id:  # under KVM the guest sees the host's own vendor
+        assert fields["vendor_id"] == expected.vendor_id, fields
 
 
 def test_jupyter_answers_on_the_forwarded_port(tester):
