@@ -31,22 +31,6 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if not hasattr(config, "workerinput"):  # once, before the workers start
         _pin_the_security_index(config)
-        _size_validation_vms(config)
-
-
-def _size_validation_vms(config: pytest.Config) -> None:
-    """Give each validation VM the cores a worker has, at most the default 2: the two workers
-    run their VMs side by side, and without KVM a VM's emulated CPUs that share a core wait on
-    each other (two validation boots at once on 2 cores took 386 s with 2 CPUs each, 307 s with
-    one; README, "The build host's size")."""
-    from factory.validate.run import VALIDATE_CPUS_DEFAULT, VALIDATE_CPUS_ENV_VAR
-
-    workers = getattr(config.option, "numprocesses", None) or 1
-    if not isinstance(workers, int):  # "auto" or "logical": one per core
-        return
-    per_worker = max(1, (os.cpu_count() or 1) // workers)
-    if per_worker < VALIDATE_CPUS_DEFAULT:
-        os.environ.setdefault(VALIDATE_CPUS_ENV_VAR, str(per_worker))
 
 
 def _pin_the_security_index(config: pytest.Config) -> None:

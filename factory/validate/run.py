@@ -5,7 +5,6 @@ really holds goes to envs/."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import time
@@ -16,7 +15,7 @@ from factory import host, kvm
 from factory.cache import sha256_file
 from factory.cpu import validation_cpu
 from factory.delivery import Delivery
-from factory.errors import FactoryError, OptionError
+from factory.errors import FactoryError
 from factory.profile import ENV_NAME, LoadedProfile, load_profile
 from factory.updates import SecurityIndex
 from factory.validate.agent import GuestAgent, admit_login
@@ -29,11 +28,6 @@ from factory.validate.suites import SUITES, partial, run_all_checks
 from factory.validate.target import LocalTarget, Target, connect
 
 LOCAL_HOST = "local"
-# The validation VM's CPUs: the profile's, at most this many (or $FACTORY_VALIDATE_CPUS). On a
-# host that runs several VMs at once, one CPU each is faster: without KVM, a VM's emulated
-# CPUs that share a core wait on each other.
-VALIDATE_CPUS_DEFAULT = 2
-VALIDATE_CPUS_ENV_VAR = "FACTORY_VALIDATE_CPUS"
 
 
 @dataclass(frozen=True)
@@ -45,19 +39,6 @@ class ValidationOutcome:
     @property
     def failed(self) -> list[CheckResult]:
         return [r for r in self.results if r.status == FAILED]
-
-
-def validation_vm_cpus() -> int:
-    """At most how many CPUs a validation VM gets."""
-    text = os.environ.get(VALIDATE_CPUS_ENV_VAR, "").strip()
-    if not text:
-        return VALIDATE_CPUS_DEFAULT
-    if not text.isdigit() or int(text) < 1:
-        raise OptionError(
-            f"${VALIDATE_CPUS_ENV_VAR}={text!r} is not a number of CPUs; set it to 1 or more, "
-            f"or unset it for the default ({VALIDATE_CPUS_DEFAULT})"
-        )
-    return int(text)
 
 
 def _open_delivery(folder: Path) -> Delivery:
@@ -81,7 +62,6 @@ def validate_delivery(
     """Boot the delivery's OVA disk on an overlay, as the client does (no seed disk), check
     what an importer meets, let the validator in through the guest agent, and run every check
     of the profile."""
-    most_cpus = validation_vm_cpus()  # a bad value fails before anything is read or booted
     parts = _open_delivery(delivery.resolve())
     delivery, ova = parts.path, parts.ova
     loaded = load_profile(profile_path or parts.profile)
@@ -93,12 +73,9 @@ def validate_delivery(
         log(f"extracting the disk from {ova.name}")
         disk = extract_ova_disk(ova, Path(scratch))
         resources = loaded.profile.resources
-        vm_size = host.local_vm_size(min(resources.cpus, most_cpus), resources.memory)
+        vm_size = host.local_vm_size(min(resources.cpus, 2), resources.memory)
         cpu_choice = validation_cpu(loaded.profile.cpu_baseline, accel)
-        log(
-            f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}; "
-            f"{vm_size.cpus} CPU(s), {vm_size.memory_mib} MiB"
-        )
+        log(f"CPU: {cpu_choice.describe()} for cpu_baseline {cpu_choice.promised}")
         with boot_delivery(
             disk,
             vm_size.memory_mib,
@@ -171,7 +148,6 @@ def validate_delivery(
             "cpu_baseline": cpu_choice.promised,
             "vendor_id": cpu_choice.vendor_id,
             "accelerator": accel,
-            "cpus": vm_size.cpus,
         },
         "profile": str(loaded.path),
     }

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from factory.errors import OptionError
 from factory.validate import SUITES, run, validate_delivery
 from factory.validate.boot import VALIDATOR_USER
 from factory.validate.recording import RECORD_ENV
@@ -30,7 +29,6 @@ def delivery(tmp_path, monkeypatch) -> tuple[Path, dict]:
     @contextlib.contextmanager
     def booted(disk, memory_mib, cpus, accel, **options):
         seen["forward_ports"] = options["forward_ports"]
-        seen["cpus"] = cpus
         key = SimpleNamespace(private_key_file=tmp_path / "key", public_key="ssh-ed25519 AAAA")
         yield SimpleNamespace(
             ssh_port=FORWARDS[22], host_keys=["ssh-ed25519 AAAA"], key=key,
@@ -85,27 +83,3 @@ def test_the_run_records_when_asked(delivery, tmp_path, monkeypatch):
         "root with a key": "refused (Authentication failed.)",
         "analyst with a password": "refused (server allows only publickey)",
     }
-
-
-@pytest.mark.parametrize(("setting", "cpus"), [(None, 2), ("1", 1), ("16", 2)])
-def test_the_vm_gets_the_profiles_cpus_at_most_the_setting(delivery, monkeypatch, setting, cpus):
-    """The demo asks for 2 CPUs: the default cap (2) and a larger setting give it 2, and never
-    more than this host has; FACTORY_VALIDATE_CPUS=1 gives it one. The report says how many."""
-    folder, seen = delivery
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
-    if setting is None:
-        monkeypatch.delenv(run.VALIDATE_CPUS_ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(run.VALIDATE_CPUS_ENV_VAR, setting)
-    validate_delivery(folder, log=lambda line: None, only=("ssh",))
-    assert seen["cpus"] == cpus
-    assert json.loads((folder / "report.json").read_text())["subject"]["cpu"]["cpus"] == cpus
-
-
-@pytest.mark.parametrize("setting", ["0", "two", "-1"])
-def test_a_bad_cpu_setting_is_refused_before_anything_boots(delivery, monkeypatch, setting):
-    folder, seen = delivery
-    monkeypatch.setenv(run.VALIDATE_CPUS_ENV_VAR, setting)
-    with pytest.raises(OptionError, match=rf"^\$FACTORY_VALIDATE_CPUS='{setting}' is not a"):
-        validate_delivery(folder, log=lambda line: None, only=("ssh",))
-    assert "cpus" not in seen
