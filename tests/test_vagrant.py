@@ -124,6 +124,11 @@ class Shell:
     seconds: dict[str, float] = field(default_factory=dict)
     cleaned: bool = False
 
+    @property
+    def domain(self) -> str:
+        """The libvirt domain `vagrant up` makes from this folder."""
+        return f"{self.workdir.name}_default"
+
     def sh(self, command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         started = time.monotonic()
         result = subprocess.run(
@@ -281,7 +286,7 @@ def test_box_runs_at_the_profiles_cpu_level(tester, demo_delivery):
     baseline = load_profile(demo_delivery / "profile.yaml").profile.cpu_baseline
     driver = session.env["FACTORY_LIBVIRT_DRIVER"]
     expected = validation_cpu(baseline, "kvm" if driver == "kvm" else "tcg")
-    (pid,) = domain_qemu_pids(f"{session.workdir.name}_default")
+    (pid,) = domain_qemu_pids(session.domain)
     words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     cpu_options = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "-cpu"]
     assert cpu_options and cpu_options[-1] == expected.qemu_cpu, cpu_options  # QEMU's choice
@@ -384,16 +389,15 @@ def test_live_host_reports_drift_since_the_delivery(tester, demo_delivery, tmp_p
 
 def test_guide_clean_up_leaves_nothing_behind(tester):
     session, steps = tester
-    workdir_domain = f"{session.workdir.name}_default"
     for section, command in steps:
         if section == CLEAN_UP:
             result = session.sh(command)
             assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
     session.cleaned = True
-    assert workdir_domain not in virsh("list", "--all", "--name").split()
+    assert session.domain not in virsh("list", "--all", "--name").split()
     assert box_volumes() == []
     assert not list(Path(session.env["VAGRANT_HOME"], "boxes").glob("*"))
     deadline = time.monotonic() + 30
-    while domain_qemu_pids(workdir_domain) and time.monotonic() < deadline:
+    while domain_qemu_pids(session.domain) and time.monotonic() < deadline:
         time.sleep(1)
-    assert domain_qemu_pids(workdir_domain) == set()
+    assert domain_qemu_pids(session.domain) == set()
