@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import tarfile
+import time
 import uuid
 from pathlib import Path
 
@@ -51,6 +52,19 @@ def scanned_fingerprints(address: str) -> set[str]:
     return {f"{key.split()[0]} {key_fingerprint(key)}" for key in keys}
 
 
+def console_order(console: Path, keys_end: str, timeout: float = 180) -> tuple[int, int]:
+    """Where on the console the host key block ends and the getty's login prompt is, once the
+    prompt has come (the getty starts moments after the keys)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = console.read_text(errors="replace")
+        prompt = text.find(" login: ")
+        if prompt >= 0 or time.monotonic() > deadline:
+            assert prompt >= 0, f"no login prompt on the console after {timeout} s: {text[-500:]}"
+            return text.find(keys_end), prompt
+        time.sleep(2)
+
+
 @pytest.mark.e2e
 def test_deploy_boots_the_delivery_on_libvirt_and_destroy_removes_it(demo_delivery: Path):
     name = f"factory-deploy-test-{uuid.uuid4().hex[:8]}"  # a leftover cannot collide
@@ -83,6 +97,10 @@ def test_deploy_boots_the_delivery_on_libvirt_and_destroy_removes_it(demo_delive
             assert shown, result.stdout
             offered = scanned_fingerprints(address)
             assert offered and offered <= shown, f"offered {offered}, printed {shown}"
+            # The serial getty flushes what the line has not sent: it must start after them.
+            console = Path(re.search(r"on the console \((\S+)\)", result.stderr).group(1))
+            keys_end, prompt = console_order(console, "-----END FACTORY SSH HOST KEYS-----")
+            assert keys_end < prompt, console.read_text(errors="replace")[-3000:]
 
             again = run_factory(*deploy, timeout=300)
             one_line_error(again, 3, f"{name} is already deployed", "--destroy")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import re
 import shutil
@@ -14,6 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from factory import kvm, seed
 from factory.errors import FactoryError, ToolError
@@ -75,11 +80,28 @@ def host_keys_from_console(text: str) -> list[str]:
             keys = []
             for line in match.group(1).splitlines():
                 line = re.sub(r"^.*?(?=(ssh-|ecdsa-))", "", line.strip())
-                if re.match(r"^(ssh-|ecdsa-)\S+ \S+", line):
+                if re.match(r"^(ssh-|ecdsa-)\S+ \S+", line) and whole_key(line):
                     keys.append(" ".join(line.split()[:2]))
             if keys:
                 return keys
     return []
+
+
+def whole_key(line: str) -> bool:
+    """Whether an OpenSSH public key line arrived whole: a line the serial console cut or
+    interleaved must be neither pinned nor shown to anyone as the machine's key."""
+    key_type, blob = line.split()[:2]
+    try:
+        load_ssh_public_key(f"{key_type} {blob}".encode())
+    except UnsupportedAlgorithm:  # a type cryptography cannot read: its header must still match
+        try:
+            raw = base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            return False
+        return raw[4 : 4 + int.from_bytes(raw[:4], "big")] == key_type.encode()
+    except ValueError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
