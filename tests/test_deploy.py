@@ -9,7 +9,6 @@ import shlex
 import socket
 import subprocess
 import tarfile
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import pytest
 from factory.deploy import key_fingerprint
 from factory.deploy_imports import import_commands
 from factory.profile import load_profile
-from tests.conftest import run_factory
+from factory.validate.boot import HOST_KEY_BLOCKS
+from tests.conftest import run_factory, wait_until
 from tests.test_vagrant import domain_qemu_pids, libvirt_running, virsh
 
 DEPLOY_TIMEOUT = 1800  # a TCG boot beside other VMs: minutes
@@ -52,17 +52,17 @@ def scanned_fingerprints(address: str) -> set[str]:
     return {f"{key.split()[0]} {key_fingerprint(key)}" for key in keys}
 
 
-def console_order(console: Path, keys_end: str, timeout: float = 180) -> tuple[int, int]:
+def console_order(console: Path, timeout: float = 180) -> tuple[int, int]:
     """Where on the console the host key block ends and the getty's login prompt is, once the
     prompt has come (the getty starts moments after the keys)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = console.read_text(errors="replace")
-        prompt = text.find(" login: ")
-        if prompt >= 0 or time.monotonic() > deadline:
-            assert prompt >= 0, f"no login prompt on the console after {timeout} s: {text[-500:]}"
-            return text.find(keys_end), prompt
-        time.sleep(2)
+
+    def text() -> str:
+        return console.read_text(errors="replace")
+
+    came = wait_until(lambda: " login: " in text(), timeout)
+    assert came, f"no login prompt on the console after {timeout} s: {text()[-500:]}"
+    now = text()
+    return now.find(HOST_KEY_BLOCKS[0][1]), now.find(" login: ")
 
 
 @pytest.mark.e2e
@@ -99,7 +99,7 @@ def test_deploy_boots_the_delivery_on_libvirt_and_destroy_removes_it(demo_delive
             assert offered and offered <= shown, f"offered {offered}, printed {shown}"
             # The serial getty flushes what the line has not sent: it must start after them.
             console = Path(re.search(r"on the console \((\S+)\)", result.stderr).group(1))
-            keys_end, prompt = console_order(console, "-----END FACTORY SSH HOST KEYS-----")
+            keys_end, prompt = console_order(console)
             assert keys_end < prompt, console.read_text(errors="replace")[-3000:]
 
             again = run_factory(*deploy, timeout=300)
