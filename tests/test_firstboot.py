@@ -173,3 +173,17 @@ def test_first_boot_replaces_a_link_in_the_admins_home_instead_of_writing_throug
     assert not (home / "jupyter-token").is_symlink()
     service, admin = tokens(image_root)
     assert service == admin
+
+
+def test_first_boot_runs_after_the_bases_own_host_key_unit():
+    """The Debian base enables a unit of its own that runs `ssh-keygen -A` before sshd. Beside
+    first boot, both made an RSA key and the later one won: the console showed a key sshd did
+    not offer (the deploy test's fingerprints). First boot must wait for it."""
+    from factory.base import recipe
+
+    source = Path(recipe.__file__).read_text()
+    unit = "factory-ssh-hostkeys.service"
+    assert unit in source and "ExecStart=/usr/bin/ssh-keygen -A" in source
+    service = (PROVISIONERS_DIR / "factory-firstboot.service").read_text()
+    after = {u for line in re.findall(r"^After=(.*)$", service, re.M) for u in line.split()}
+    assert unit in after, service
