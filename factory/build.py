@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from factory.errors import FactoryError, ToolError
-from factory.processes import die_with_parent, stop
+from factory.processes import started, stop
 from factory.progress import Progress
 from factory.render import packer_env
 
@@ -68,44 +68,38 @@ def run_packer(
         open(log_path, "a") as log,
         tempfile.TemporaryDirectory(prefix="factory-packer-") as scratch,
     ):
-        process = subprocess.Popen(
+        expired = threading.Event()
+        with started(
             command,
+            _stop_packer,
             cwd=build_dir,
             env={**packer_env(key_file), "TMPDIR": scratch},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        expired = threading.Event()
-
-        def stop_at_time_limit() -> None:
-            expired.set()
-            _stop_packer(process)
-
-        watchdog = threading.Timer(time_limit_minutes * 60, stop_at_time_limit)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                text = _packer_message(line)
-                if text is None:
-                    continue
-                log.write(text + "\n")
-                log.flush()
-                step = _step_of(text)
-                if step:
-                    progress.update(step)
-                else:
-                    progress.refresh()
-            code = process.wait()
-        except BaseException:
-            watchdog.cancel()
-            _stop_packer(process)
-            raise
-        watchdog.cancel()
+        ) as process:
+            watchdog = threading.Timer(
+                time_limit_minutes * 60, _stop_at_time_limit, args=(process, expired)
+            )
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    text = _packer_message(line)
+                    if text is None:
+                        continue
+                    log.write(text + "\n")
+                    log.flush()
+                    step = _step_of(text)
+                    if step:
+                        progress.update(step)
+                    else:
+                        progress.refresh()
+                code = process.wait()
+            finally:
+                watchdog.cancel()
     if expired.is_set():
         watchdog.join()  # until packer's whole process group is gone
         raise FactoryError(
@@ -119,6 +113,11 @@ def run_packer(
             f"packer build failed (exit {code}); see {log_path.name} in the build logs kept "
             "in outputs/logs/"
         )
+
+
+def _stop_at_time_limit(process: subprocess.Popen, expired: threading.Event) -> None:
+    expired.set()
+    _stop_packer(process)
 
 
 def _stop_packer(process: subprocess.Popen) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from factory.errors import ToolError
 
@@ -132,7 +132,25 @@ def signals_deferred() -> Iterator[None]:
         if pending:
             if pending[0] == signal.SIGINT:
                 raise KeyboardInterrupt
-            raise Terminated(pending[0])
+            _raise_terminated(pending[0], None)
+
+
+@contextlib.contextmanager
+def started(
+    command: list[str], stop_child: Callable[[subprocess.Popen], None], **popen: Any
+) -> Iterator[subprocess.Popen]:
+    """Start `command` (with die_with_parent); when the block raises, `stop_child` stops it. A
+    stop signal during the start waits until the process is held, so it is stopped too instead
+    of left running."""
+    process: subprocess.Popen | None = None
+    try:
+        with signals_deferred():
+            process = subprocess.Popen(command, preexec_fn=die_with_parent, **popen)
+        yield process
+    except BaseException:
+        if process is not None:
+            stop_child(process)
+        raise
 
 
 class LoggedRunner:
@@ -159,19 +177,15 @@ class LoggedRunner:
         self, *cmd: str, input: str | None = None, capture: bool = False, check: bool = True
     ) -> str:
         self.note("$ " + " ".join(cmd))
-        proc = subprocess.Popen(
-            cmd,
+        with started(
+            list(cmd),
+            _stop_with_time_to_unmount,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture else self.logf,
             stderr=self.logf,
             text=True,
-            preexec_fn=die_with_parent,
-        )
-        try:
+        ) as proc:
             out, _ = proc.communicate(input)
-        except BaseException:
-            stop(proc, group=False, grace=30)  # mmdebstrap cleans up its own mounts on SIGTERM
-            raise
         if capture and out:
             self.logf.write(out)
             self.logf.flush()
@@ -191,3 +205,7 @@ class LoggedRunner:
                 if line.strip() and not line.startswith("[")
             ]
         return lines[-1][:200] if lines else "no output"
+
+
+def _stop_with_time_to_unmount(process: subprocess.Popen) -> None:
+    stop(process, group=False, grace=30)  # mmdebstrap cleans up its own mounts on SIGTERM

@@ -167,6 +167,47 @@ def test_stop_signals_stop_packer_and_everything_it_started(tmp_path, fake_packe
         kill_leftovers(packer, qemu)
 
 
+# The signal lands the moment packer has started, before run_packer holds its process: the
+# Popen returns only once the fake packer has written both pids, then factory signals itself.
+SIGNAL_WHILE_PACKER_STARTS = (
+    """
+    import os, signal, subprocess, sys, time
+    from pathlib import Path
+
+    class SignalledOnStart(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pids = Path(os.environ["FAKE_PACKER_PIDS"])
+            while not (pids / "packer").is_file():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here, inside the start
+
+    subprocess.Popen = SignalledOnStart
+"""
+    + RUN_PACKER
+)
+
+
+def test_a_stop_signal_while_packer_starts_still_stops_everything_it_started(tmp_path, fake_packer):
+    """The window between starting packer and watching it: a kill there stops packer's whole
+    process group too, instead of leaving its QEMU behind."""
+    build = tmp_path / "build"
+    build.mkdir()
+    parent = start_python(
+        SIGNAL_WHILE_PACKER_STARTS, args=[str(build)], stderr=subprocess.PIPE, text=True
+    )
+    packer, qemu = read_pid(fake_packer / "packer"), read_pid(fake_packer / "qemu")
+    try:
+        _, stderr = parent.communicate(timeout=120)
+        assert parent.returncode == 130, stderr
+        assert wait_until(lambda: not alive(packer) and not alive(qemu), timeout=30), (
+            f"left running: packer {alive(packer)}, its QEMU {alive(qemu)}"
+        )
+    finally:
+        kill_leftovers(packer, qemu)
+
+
 def test_run_packer_stops_at_its_time_limit(tmp_path, fake_packer):
     """A build VM that hangs while QEMU lives on: past the limit packer's process group is
     stopped and the build fails with one line that says so."""
