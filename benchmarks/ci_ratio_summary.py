@@ -1,0 +1,59 @@
+"""The CI ratio's figures from benchmarks/ci_ratio.sh's work folder: each run's JUnit file,
+its .ci/run seconds and its clone. Writes them, and the ratios, to a JSON file and prints them.
+
+    python3 benchmarks/ci_ratio_summary.py WORK OLD_REV NEW_REV RESULTS_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def run_figures(work: Path, tag: str, rev: str) -> dict:
+    """One cold run: its commit, pytest's and .ci/run's seconds, and its test counts."""
+    suite = ET.parse(work / f"{tag}.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    commit = subprocess.run(
+        ["git", "-C", str(work / tag), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    seconds = int((work / f"{tag}.seconds").read_text())
+    return {
+        "rev": rev,
+        "commit": commit,
+        "pytest_seconds": float(suite.get("time")),
+        "ci_run_seconds": seconds,
+        **counts,
+    }
+
+
+def main(work: Path, old: str, new: str, results: Path) -> None:
+    before, after = run_figures(work, "old", old), run_figures(work, "new", new)
+    after["left_out"] = (work / "left-out.txt").read_text().split()
+    figures = {
+        "before": before,
+        "after": after,
+        "ratio_pytest": round(after["pytest_seconds"] / before["pytest_seconds"], 3),
+        "ratio_ci_run": round(after["ci_run_seconds"] / before["ci_run_seconds"], 3),
+    }
+    results.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"{'run':8} {'tests':>6} {'failed':>6} {'pytest s':>9} {'.ci/run s':>9}")
+    for name, run in (("before", before), ("after", after)):
+        failed = run["failures"] + run["errors"]
+        print(
+            f"{name:8} {run['tests']:6} {failed:6} {run['pytest_seconds']:9.0f}"
+            f" {run['ci_run_seconds']:9}"
+        )
+    print(f"ratio: {figures['ratio_pytest']} (pytest), {figures['ratio_ci_run']} (.ci/run)")
+    print(f"written to {results}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
