@@ -34,4 +34,4 @@ cold_run old "$OLD"
 mapfile -t ignores < <(sed 's/^/--ignore=/' "$WORK/left-out.txt")
 cold_run new "$NEW" "${ignores[@]}"
 
-python3 "$REPO/benchmarks/ci_ratio_summary.py" "$WORK" "$OLD" "$NEW" "$RESULTS"
+cd "$REPO" && python3 -m benchmarks.ci_ratio_summary "$WORK" "$OLD" "$NEW" "$RESULTS"

@@ -1,7 +1,7 @@
 """The CI ratio's figures from benchmarks/ci_ratio.sh's work folder: each run's JUnit file,
 its .ci/run seconds and its clone. Writes them, and the ratios, to a JSON file and prints them.
 
-    python3 benchmarks/ci_ratio_summary.py WORK OLD_REV NEW_REV RESULTS_JSON
+    python3 -m benchmarks.ci_ratio_summary WORK OLD_REV NEW_REV RESULTS_JSON
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from factory.tables import format_table
 
 
 def run_figures(work: Path, tag: str, rev: str) -> dict:
@@ -44,13 +46,12 @@ def main(work: Path, old: str, new: str, results: Path) -> None:
         "ratio_ci_run": round(after["ci_run_seconds"] / before["ci_run_seconds"], 3),
     }
     results.write_text(json.dumps(figures, indent=1) + "\n")
-    print(f"{'run':8} {'tests':>6} {'failed':>6} {'pytest s':>9} {'.ci/run s':>9}")
-    for name, run in (("before", before), ("after", after)):
-        failed = run["failures"] + run["errors"]
-        print(
-            f"{name:8} {run['tests']:6} {failed:6} {run['pytest_seconds']:9.0f}"
-            f" {run['ci_run_seconds']:9}"
-        )
+    rows = [
+        [name, str(run["tests"]), str(run["failures"] + run["errors"])]
+        + [str(round(run["pytest_seconds"])), str(run["ci_run_seconds"])]
+        for name, run in (("before", before), ("after", after))
+    ]
+    print(format_table(["run", "tests", "failed", "pytest s", ".ci/run s"], rows))
     print(f"ratio: {figures['ratio_pytest']} (pytest), {figures['ratio_ci_run']} (.ci/run)")
     print(f"written to {results}")
 
