@@ -26,7 +26,7 @@ CLIENT_SERVICES = {"bank_credit_risk_v2": {"score": ("/health", 8601)}}
 
 
 @pytest.fixture(scope="module")
-def client_deliveries(demo_channel, tmp_path_factory):
+def client_deliveries(demo_build_inputs, tmp_path_factory):
     """Both client profiles, unchanged, built together (`factory build A B --jobs 2`) and then
     validated at the same time, each in its own VM: {name: (delivery, validation)}."""
     require_root()

@@ -94,8 +94,9 @@ def _offline_probe(
     if create.ok and first.pip and "pip" in specs:
         package = package_name(first.pip[0])
         python = f"{work}/factory-probe/bin/python"
+        # The probe is removed right after: compiling its bytecode would only cost time.
         pip = ctx.target.run(
-            f"sudo {python} -m pip install -q {quote(package)}"
+            f"sudo {python} -m pip install -q --no-compile {quote(package)}"
             f" && sudo {python} -m pip show {quote(package)}",
             timeout=600,
         )
