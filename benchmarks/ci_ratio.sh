@@ -30,8 +30,8 @@ cold_run() {  # cold_run TAG REV [pytest options]: clone, run .ci/run, keep the 
 comm -13 <(git -C "$REPO" ls-tree -r --name-only "$OLD" tests | grep '/test_[^/]*\.py$' | sort) \
     <(git -C "$REPO" ls-tree -r --name-only "$NEW" tests | grep '/test_[^/]*\.py$' | sort) \
     >"$WORK/left-out.txt"
-cold_run old "$OLD"
 mapfile -t ignores < <(sed 's/^/--ignore=/' "$WORK/left-out.txt")
 cold_run new "$NEW" "${ignores[@]}"
+cold_run old "$OLD"
 
 cd "$REPO" && python3 -m benchmarks.ci_ratio_summary "$WORK" "$OLD" "$NEW" "$RESULTS"
