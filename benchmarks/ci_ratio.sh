@@ -15,7 +15,8 @@ cold_run() {  # cold_run TAG REV [pytest options]: clone, run .ci/run, keep the 
     local tag=$1 rev=$2
     shift 2
     git clone -q "$REPO" "$WORK/$tag"
-    git -C "$WORK/$tag" checkout -q "$(git -C "$REPO" rev-parse "$rev")"
+    git -C "$REPO" rev-parse "$rev" >"$WORK/$tag.commit"
+    git -C "$WORK/$tag" checkout -q "$(cat "$WORK/$tag.commit")"
     mkdir "$WORK/$tag-home"
     echo "ci-ratio: $tag ($rev): cold .ci/run, log in $WORK/$tag.log" >&2
     local start
@@ -35,3 +36,6 @@ cold_run new "$NEW" "${ignores[@]}"
 cold_run old "$OLD"
 
 cd "$REPO" && python3 -m benchmarks.ci_ratio_summary "$WORK" "$OLD" "$NEW" "$RESULTS"
+# The clones and their caches take several GB: keep only the logs, JUnit files and timings.
+rm -rf "$WORK/old" "$WORK/new" "$WORK/old-home" "$WORK/new-home"
+echo "ci-ratio: logs and JUnit files kept in $WORK" >&2

@@ -1,5 +1,5 @@
 """The CI ratio's figures from benchmarks/ci_ratio.sh's work folder: each run's JUnit file,
-its .ci/run seconds and its clone. Writes them, and the ratios, to a JSON file and prints them.
+its .ci/run seconds and its commit. Writes them, and the ratios, to a JSON file and prints them.
 
     python3 -m benchmarks.ci_ratio_summary WORK OLD_REV NEW_REV RESULTS_JSON
 """
@@ -7,7 +7,6 @@ its .ci/run seconds and its clone. Writes them, and the ratios, to a JSON file a
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -17,15 +16,13 @@ from factory.tables import format_table
 
 def run_figures(work: Path, tag: str, rev: str) -> dict:
     """One cold run: its commit, pytest's and .ci/run's seconds, and its test counts."""
-    suite = ET.parse(work / f"{tag}.xml").getroot()
+    junit = work / f"{tag}.xml"
+    if not junit.is_file():
+        raise SystemExit(f"ci-ratio: the {tag} run ({rev}) wrote no JUnit; see {work}/{tag}.log")
+    suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    commit = subprocess.run(
-        ["git", "-C", str(work / tag), "rev-parse", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    commit = (work / f"{tag}.commit").read_text().strip()
     seconds = int((work / f"{tag}.seconds").read_text())
     return {
         "rev": rev,
@@ -52,7 +49,7 @@ def main(work: Path, old: str, new: str, results: Path) -> None:
         for name, run in (("before", before), ("after", after))
     ]
     print(format_table(["run", "tests", "failed", "pytest s", ".ci/run s"], rows))
-    print(f"ratio: {figures['ratio_pytest']} (pytest), {figures['ratio_ci_run']} (.ci/run)")
+    print(f"ratio: {figures['ratio_pytest']:.3f} (pytest), {figures['ratio_ci_run']:.3f} (.ci/run)")
     print(f"written to {results}")
 
 
