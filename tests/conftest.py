@@ -178,11 +178,14 @@ def demo_build_inputs(request: pytest.FixtureRequest) -> Path:
     made beside it (`factory base build`): on a cold host the base's downloads then overlap
     the channel's CPython compile instead of following it. The base is cached and locked, so
     the other worker's call waits for it or finds it made. Returns the channel's link."""
+    import yaml
+
     base = None
     if os.geteuid() == 0 and shutil.which("packer"):
+        release = yaml.safe_load(DEMO_PROFILE.read_text())["base"]  # the client profiles' too
         base_log = tempfile.TemporaryFile(mode="w+")
         base = subprocess.Popen(
-            [*FACTORY, "base", "build", "debian-12"],
+            [*FACTORY, "base", "build", release],
             cwd=REPO,
             stdout=base_log,
             stderr=subprocess.STDOUT,
